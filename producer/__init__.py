@@ -1,0 +1,9 @@
+"""imageqa producer: the message contract, input readers and the client that enqueues work.
+
+Light by design (celery, redis, pydantic): other applications install it to put work in
+without torch or vLLM.
+"""
+
+from producer.contract import GenerationParams, OutputRow, QAPair, ResultRecord, TaskMessage
+
+__all__ = ["GenerationParams", "OutputRow", "QAPair", "ResultRecord", "TaskMessage"]

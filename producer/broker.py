@@ -1,0 +1,73 @@
+"""Redis and Celery connections shared by every role (producer, worker, collector)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from celery import Celery
+
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE
+from producer.errors import BrokerUnavailable
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client for ``redis://``, ``rediss://`` or ``redis+socket:///path`` URLs."""
+    if url.startswith("redis+socket://"):
+        parts = urlsplit(url)
+        db = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("virtual_host", "0")
+        return redis.Redis(unix_socket_path=parts.path, db=int(db), password=parts.password)
+    return redis.Redis.from_url(url)
+
+
+def check_redis(url: str, timeout_s: float = 2.0) -> None:
+    """Raises `BrokerUnavailable` with a clear message when Redis does not answer."""
+    client = redis_client(url)
+    client.connection_pool.connection_kwargs["socket_connect_timeout"] = timeout_s
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise BrokerUnavailable(f"Redis at {redact(url)} does not answer: {e}") from e
+    finally:
+        client.close()
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def celery_config(redis_url: str, visibility_timeout_s: int) -> dict[str, Any]:
+    """Celery settings both sides must agree on: JSON only, late acks, one prefetch, redelivery."""
+    return {
+        "broker_url": redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout_s,
+            "socket_keepalive": True,
+        },
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": QUEUE_GENERATE,
+        "task_routes": {TASK_GENERATE: {"queue": QUEUE_GENERATE}},
+        "worker_hijack_root_logger": False,
+    }
+
+
+def celery_app(redis_url: str, visibility_timeout_s: int, name: str = "imageqa") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(redis_url, visibility_timeout_s))
+    return app

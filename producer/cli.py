@@ -1,0 +1,149 @@
+"""The light half of the ``imageqa`` command: enqueue, status, jobs, schema (no engine needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from producer.broker import check_redis, redis_client
+from producer.contract import GenerationParams, json_schemas
+from producer.enqueue import enqueue_file
+from producer.errors import ImageQAError
+from producer.jobs import JobStatus, job_status, list_jobs
+from producer.settings import ProducerSettings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn images into checked question-answer pairs.")
+console = Console(stderr=True)
+
+PairsOption = Annotated[str, typer.Option("--pairs", help="Pairs per image: N or MIN-MAX.")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="Local model folder or hub id.")]  # noqa: UP007
+
+
+def parse_pairs(text: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition("-")
+        return int(low), int(high or low)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected N or MIN-MAX, e.g. 3-5") from None
+
+
+def generation_params(model: str | None, pairs: str, max_tokens: int = 1024) -> GenerationParams:
+    min_pairs, max_pairs = parse_pairs(pairs)
+    try:
+        return GenerationParams(model=model, min_pairs=min_pairs, max_pairs=max_pairs, max_tokens=max_tokens)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(2)
+
+
+@app.command()
+def enqueue(
+    input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, written by the collector.")],
+    model: ModelOption = None,
+    pairs: PairsOption = "3-5",
+    job_id: Annotated[Optional[str], typer.Option(help="Job id (default: from input, output, settings).")] = None,  # noqa: UP007
+    input_format: Annotated[Optional[str], typer.Option("--format", help="Input format if not by suffix.")] = None,  # noqa: UP007
+) -> None:
+    """Enqueue one task per input row for the workers; prints the job id."""
+    settings = ProducerSettings()
+    try:
+        summary = enqueue_file(
+            input_path, output, settings=settings, params=generation_params(model, pairs),
+            job_id=job_id, input_format=input_format,
+        )
+    except ImageQAError as e:
+        raise fail(e) from None
+    console.print(
+        f"{summary.rows} rows: {summary.enqueued} enqueued, {summary.rejected} rejected, "
+        f"{summary.skipped} already done"
+    )
+    typer.echo(summary.job_id)
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until the job is done.")] = False,
+) -> None:
+    """Progress of a job: rows written and failed out of the total."""
+    settings = ProducerSettings()
+    try:
+        check_redis(settings.redis_url)
+    except ImageQAError as e:
+        raise fail(e) from None
+    r = redis_client(settings.redis_url)
+    st = job_status(r, job)
+    if st is None:
+        raise fail(ValueError(f"no job {job!r}"))
+    if wait and not st.finished:
+        st = wait_for_job(r, job, console)
+    if as_json:
+        typer.echo(json.dumps(st.as_dict()))
+    else:
+        console.print(describe(st))
+    raise typer.Exit(0 if st.finished or not wait else 1)
+
+
+@app.command("jobs")
+def jobs_command(limit: int = 20) -> None:
+    """The most recent jobs."""
+    settings = ProducerSettings()
+    r = redis_client(settings.redis_url)
+    for job_id in list_jobs(r, limit):
+        st = job_status(r, job_id)
+        if st:
+            typer.echo(describe(st))
+
+
+@app.command()
+def schema(output: Annotated[Optional[Path], typer.Option("-o", "--output")] = None) -> None:  # noqa: UP007
+    """Print the JSON Schema of the task message and the result record."""
+    text = json.dumps(json_schemas(), indent=2, sort_keys=True) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def describe(st: JobStatus) -> str:
+    return (
+        f"{st.job_id} {st.state}: {st.done}/{st.total} done ({st.written} written, {st.failed} failed) "
+        f"-> {st.output_path}"
+    )
+
+
+def wait_for_job(r, job_id: str, out: Console, poll_s: float = 0.25, alive=lambda: True) -> JobStatus:  # type: ignore[no-untyped-def]
+    """Shows a progress bar until the job is done; ``alive`` returning False aborts the wait."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(), console=out, transient=False,
+    ) as progress:
+        bar = progress.add_task("images", total=None, failed=0)
+        while True:
+            st = job_status(r, job_id)
+            if st is None:
+                raise ImageQAError(f"job {job_id} disappeared from Redis")
+            progress.update(bar, total=st.total, completed=st.done, failed=st.failed)
+            if st.finished:
+                return st
+            if not alive():
+                raise ImageQAError("the worker stopped before the job was done")
+            time.sleep(poll_s)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

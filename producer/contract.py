@@ -1,0 +1,175 @@
+"""The message contract between producers, workers and the collector.
+
+Everything on the wire is JSON. `TaskMessage` is the kwargs of the Celery task ``imageqa.generate``;
+`ResultRecord` is what a worker appends to the results stream. Both are frozen pydantic models that
+reject unknown fields, so a message is decoded and checked in exactly one place. ``imageqa schema``
+prints their JSON Schema for applications in other languages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from producer.errors import ContractError
+
+SCHEMA_VERSION = 1
+PROMPT_VERSION = "qa-v1"
+"""Version of the default prompt; part of every item id, so a new prompt regenerates everything."""
+
+MAX_IMAGES_PER_ROW = 16
+MAX_IMAGE_REF_CHARS = 8 * 1024 * 1024
+"""A `data:` URI carries the image inline; this caps its size (and the message's)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationParams(_Frozen):
+    """Everything that changes what the model writes for an image."""
+
+    model: str | None = Field(
+        default=None, description="Model the producer expects; null means whatever the worker serves."
+    )
+    prompt_version: str = PROMPT_VERSION
+    min_pairs: int = Field(default=3, ge=1, le=50)
+    max_pairs: int = Field(default=5, ge=1, le=50)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=1024, ge=16, le=32768)
+    max_question_chars: int = Field(default=300, ge=8, le=4000)
+    max_answer_chars: int = Field(default=500, ge=1, le=8000)
+
+    @model_validator(mode="after")
+    def _pairs_range(self) -> GenerationParams:
+        if self.min_pairs > self.max_pairs:
+            raise ValueError(f"min_pairs ({self.min_pairs}) is greater than max_pairs ({self.max_pairs})")
+        return self
+
+    def fingerprint(self) -> str:
+        """A stable hash of the parameters: two equal fingerprints mean the same output settings."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()[:16]
+
+
+class TaskMessage(_Frozen):
+    """Kwargs of the Celery task ``imageqa.generate``: one input row to turn into QA pairs."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128)
+    row_index: int = Field(ge=0)
+    images: list[str] = Field(
+        min_length=1,
+        max_length=MAX_IMAGES_PER_ROW,
+        description="Image references: an absolute path, file://, http(s):// or a data: URI.",
+    )
+    row: dict[str, Any] = Field(description="The original input row, copied to the output unchanged.")
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    @model_validator(mode="after")
+    def _refs(self) -> TaskMessage:
+        for ref in self.images:
+            if not ref or len(ref) > MAX_IMAGE_REF_CHARS:
+                raise ValueError("image reference is empty or too long")
+        return self
+
+    @classmethod
+    def decode(cls, data: Any) -> TaskMessage:
+        """Checks a received message; raises `ContractError` (code ``message_invalid``)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ContractError(f"task message does not match the contract: {_short(e)}") from e
+
+
+class QAPair(_Frozen):
+    question: str
+    answer: str
+
+
+class ErrorInfo(_Frozen):
+    code: str
+    message: str
+
+
+class ResultRecord(_Frozen):
+    """What a worker (or a producer, for a row it could not enqueue) appends to the results stream."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str
+    item_id: str
+    row_index: int
+    row: Any
+    qa_pairs: list[QAPair] | None = None
+    error: ErrorInfo | None = None
+    model: str | None = None
+    worker: str | None = None
+    elapsed_s: float | None = None
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> ResultRecord:
+        if (self.qa_pairs is None) == (self.error is None):
+            raise ValueError("a result has either qa_pairs or an error")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> ResultRecord:
+        try:
+            return cls.model_validate(orjson.loads(data))
+        except (ValidationError, orjson.JSONDecodeError) as e:
+            raise ContractError(f"result record does not match the contract: {_short(e)}") from e
+
+
+class OutputRow(BaseModel):
+    """An output line: the input row's fields plus ``qa_pairs`` (or the configured output key)."""
+
+    model_config = ConfigDict(extra="allow")
+    qa_pairs: list[QAPair]
+
+
+def output_row(record: ResultRecord, output_key: str) -> dict[str, Any]:
+    """The output line for a successful record: the original row plus the pairs under output_key."""
+    row = dict(record.row) if isinstance(record.row, dict) else {"row": record.row}
+    row[output_key] = [p.model_dump() for p in record.qa_pairs or []]
+    return row
+
+
+def error_row(record: ResultRecord) -> dict[str, Any]:
+    """The errors-file line for a failed record."""
+    assert record.error is not None
+    return {
+        "row_index": record.row_index,
+        "item_id": record.item_id,
+        "row": record.row,
+        "error": record.error.model_dump(),
+    }
+
+
+def canonical_json(value: Any) -> bytes:
+    """JSON with sorted keys and no whitespace: equal values give equal bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schema of the task message and the result record, for other languages."""
+    return {
+        "task_name": "imageqa.generate",
+        "task_kwargs": TaskMessage.model_json_schema(),
+        "result_record": ResultRecord.model_json_schema(),
+    }
+
+
+def _short(e: Exception) -> str:
+    text = str(e).replace("\n", "; ")
+    return text if len(text) < 500 else text[:497] + "..."

@@ -1,0 +1,150 @@
+"""Enqueueing an input file as a job: one ``imageqa.generate`` task per row, by task name."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from producer import constants as k
+from producer import jobs
+from producer.broker import celery_app, check_redis, redis_client
+from producer.contract import ErrorInfo, GenerationParams, ResultRecord, TaskMessage
+from producer.errors import InputError
+from producer.inputs import ItemIds, RawRow, read_rows, resolve_ref, row_images
+from producer.results import publish
+from producer.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnqueueSummary:
+    job_id: str
+    rows: int
+    enqueued: int
+    rejected: int
+    skipped: int
+    output_path: str
+    errors_path: str
+
+
+def default_errors_path(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".errors.jsonl")
+
+
+def default_job_id(input_path: Path, output_path: Path, params: GenerationParams) -> str:
+    """Same input, same output and same settings give the same job, so a rerun resumes it."""
+    key = f"{input_path.resolve()}|{output_path.resolve()}|{params.fingerprint()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def enqueue_file(
+    input_path: Path,
+    output_path: Path,
+    *,
+    settings: ProducerSettings,
+    params: GenerationParams,
+    errors_path: Path | None = None,
+    job_id: str | None = None,
+    input_format: str | None = None,
+    media_base: Path | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> EnqueueSummary:
+    """Enqueues every row of ``input_path`` as a job writing to ``output_path``.
+
+    Rows already written by an earlier run of the same job are skipped. A row that cannot become a
+    task (malformed, no images) is sent straight to the collector as an error row. Relative image
+    paths resolve against ``media_base`` (default: the input's folder).
+    """
+    check_redis(settings.redis_url)
+    rows = read_rows(input_path, input_format)
+    output_path = output_path.resolve()
+    errors_path = (errors_path or default_errors_path(output_path)).resolve()
+    job_id = job_id or default_job_id(input_path, output_path, params)
+    base = (media_base or (input_path if input_path.is_dir() else input_path.parent)).resolve()
+    r = redis_client(settings.redis_url)
+    jobs.register_job(
+        r,
+        job_id,
+        output_path=str(output_path),
+        errors_path=str(errors_path),
+        output_key=settings.output_key,
+        input_path=str(input_path.resolve()),
+        params_json=params.model_dump_json(),
+    )
+    app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
+    ids = ItemIds(params.fingerprint())
+    counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
+    try:
+        with app.producer_or_acquire() as producer:
+            for batch in _batches(rows, settings.enqueue_batch):
+                items = [(raw, ids.next_id(raw.row)) for raw in batch]
+                pipe = r.pipeline()
+                pipe.sadd(k.job_items_key(job_id), *[item_id for _, item_id in items])
+                pipe.smismember(k.job_done_key(job_id), [item_id for _, item_id in items])
+                _, done_flags = pipe.execute()
+                pipe = r.pipeline()
+                for (raw, item_id), done in zip(items, done_flags):
+                    counts["rows"] += 1
+                    if done:
+                        counts["skipped"] += 1
+                        continue
+                    try:
+                        message = _message(raw, item_id, job_id, params, settings.image_key, base)
+                    except InputError as e:
+                        counts["rejected"] += 1
+                        publish(pipe, _rejected(raw, item_id, job_id, e))
+                        continue
+                    app.send_task(
+                        k.TASK_GENERATE,
+                        kwargs=message.model_dump(mode="json"),
+                        queue=k.QUEUE_GENERATE,
+                        task_id=f"{job_id}:{item_id}",
+                        producer=producer,
+                    )
+                    counts["enqueued"] += 1
+                pipe.hincrby(k.job_key(job_id), "enqueued", sum(1 for d in done_flags if not d))
+                pipe.execute()
+                if on_progress:
+                    on_progress(counts["rows"])
+        # Only a complete pass closes the job: after a failure the rerun must be able to finish it.
+        pipe = r.pipeline()
+        pipe.hincrby(k.job_key(job_id), "skipped", counts["skipped"])
+        pipe.hset(k.job_key(job_id), mapping={"enqueue_complete": 1, "state": "running"})
+        pipe.execute()
+        jobs.finish_if_complete(r, job_id)
+    finally:
+        r.close()
+    log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())
+    return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
+
+
+def _message(
+    raw: RawRow, item_id: str, job_id: str, params: GenerationParams, image_key: str, base: Path
+) -> TaskMessage:
+    if raw.error is not None:
+        raise raw.error
+    refs = [resolve_ref(ref, base) for ref in row_images(raw.row, image_key)]
+    return TaskMessage(job_id=job_id, item_id=item_id, row_index=raw.index, images=refs, row=raw.row, params=params)
+
+
+def _rejected(raw: RawRow, item_id: str, job_id: str, error: InputError) -> ResultRecord:
+    return ResultRecord(
+        job_id=job_id,
+        item_id=item_id,
+        row_index=raw.index,
+        row=raw.row,
+        error=ErrorInfo(code=error.code, message=error.message),
+        worker=f"producer@{os.uname().nodename}",
+    )
+
+
+def _batches(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
+    it = iter(rows)
+    while batch := list(islice(it, size)):
+        yield batch

@@ -1,0 +1,189 @@
+"""Input readers: stream rows from JSONL, JSON, CSV, Parquet or a folder of images.
+
+Each reader yields `RawRow`s (index, the parsed row or the reason it could not be parsed); `prepare`
+turns one into the image references a task needs. Nothing here reads image bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from producer.contract import MAX_IMAGES_PER_ROW, canonical_json
+from producer.errors import InputError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+URI_SCHEMES = frozenset({"http", "https", "file", "data"})
+FORMATS = ("jsonl", "json", "csv", "parquet", "folder")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One input row as read; ``error`` is set when the row could not be parsed."""
+
+    index: int
+    row: Any
+    error: InputError | None = None
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise InputError(
+        f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .parquet or a folder)",
+        code="input_unreadable",
+    )
+
+
+def read_rows(path: Path, fmt: str | None = None) -> Iterator[RawRow]:
+    """Streams the rows of an input file or folder; a row that does not parse is yielded with its error."""
+    if not path.exists():
+        raise InputError(f"input not found: {path}", code="input_not_found")
+    fmt = fmt or detect_format(path)
+    readers = {
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "csv": _read_csv,
+        "parquet": _read_parquet,
+        "folder": _read_folder,
+    }
+    if fmt not in readers:
+        raise InputError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return readers[fmt](path)
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    with path.open("rb") as f:
+        index = 0
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield RawRow(index, orjson.loads(line))
+            except orjson.JSONDecodeError as e:
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                yield RawRow(index, text, InputError(f"line {index + 1} is not valid JSON: {e}"))
+            index += 1
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    # A JSON document has to be parsed whole; use JSONL for inputs that do not fit in memory.
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON: {e}", code="input_unreadable") from e
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise InputError(f"{path} must hold a JSON list of rows", code="input_unreadable")
+    for index, row in enumerate(data):
+        yield RawRow(index, row)
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8") as f:
+        for index, row in enumerate(csv.DictReader(f, delimiter=delimiter)):
+            yield RawRow(index, {k: _csv_cell(v) for k, v in row.items() if k is not None})
+
+
+def _csv_cell(value: str | None) -> Any:
+    # A cell that holds a JSON list (["a.jpg", "b.jpg"]) becomes that list.
+    if value and value.startswith("["):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise InputError("reading Parquet needs pyarrow: pip install 'imageqa[service]'") from e
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield RawRow(index, row)
+            index += 1
+
+
+def _read_folder(path: Path) -> Iterator[RawRow]:
+    index = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                rel = os.path.relpath(os.path.join(dirpath, name), path)
+                yield RawRow(index, {"image": [rel]})
+                index += 1
+
+
+def row_images(row: Any, image_key: str) -> list[str]:
+    """The row's image references; a bare string is a one-image list. Raises `InputError`."""
+    if not isinstance(row, dict):
+        raise InputError(f"row is a {type(row).__name__}, not a JSON object", code="row_malformed")
+    if image_key not in row:
+        raise InputError(f"row has no {image_key!r} field", code="image_key_missing")
+    value = row[image_key]
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, list):
+        raise InputError(f"{image_key!r} must be a string or a list of strings", code="image_ref_invalid")
+    if not refs:
+        raise InputError(f"{image_key!r} is an empty list", code="image_list_empty")
+    if len(refs) > MAX_IMAGES_PER_ROW:
+        raise InputError(f"{len(refs)} images in one row; at most {MAX_IMAGES_PER_ROW}", code="too_many_images")
+    for ref in refs:
+        if not isinstance(ref, str) or not ref.strip():
+            raise InputError(f"image reference {ref!r} is not a non-empty string", code="image_ref_invalid")
+    return refs
+
+
+def resolve_ref(ref: str, base_dir: Path) -> str:
+    """A relative path becomes absolute under base_dir; URIs and absolute paths pass unchanged."""
+    scheme = urlsplit(ref).scheme.lower()
+    if scheme in URI_SCHEMES:
+        return ref
+    if len(scheme) > 1:
+        raise InputError(f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code="image_ref_invalid")
+    path = Path(ref)
+    return str(path if path.is_absolute() else Path(os.path.normpath(base_dir / path)))
+
+
+class ItemIds:
+    """Item ids: a hash of the row and of the output settings, with verbatim repeats numbered.
+
+    One output row per input row: the second copy of an identical row gets its own id.
+    """
+
+    def __init__(self, settings_fingerprint: str) -> None:
+        self._salt = settings_fingerprint.encode()
+        self._seen: set[bytes] = set()
+        self._repeats: dict[bytes, int] = {}
+
+    def next_id(self, row: Any) -> str:
+        digest = hashlib.blake2b(canonical_json(row) + b"\0" + self._salt, digest_size=16).digest()
+        if digest in self._seen:
+            count = self._repeats.get(digest, 1)
+            self._repeats[digest] = count + 1
+            return f"{digest.hex()}-{count}"
+        self._seen.add(digest)
+        return digest.hex()

@@ -1,0 +1,124 @@
+"""The job registry in Redis: one hash per job with its outputs and counters, plus item sets."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis
+
+from producer import constants as k
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str
+    total: int
+    written: int
+    failed: int
+    enqueued: int
+    skipped: int
+    enqueue_complete: bool
+    output_path: str
+    errors_path: str
+    output_key: str
+    created_at: float
+    finished_at: float | None
+
+    @property
+    def done(self) -> int:
+        return self.written + self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "done"
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.__dict__, "done": self.done}
+
+
+def register_job(
+    r: redis.Redis,
+    job_id: str,
+    *,
+    output_path: str,
+    errors_path: str,
+    output_key: str,
+    input_path: str,
+    params_json: str,
+) -> None:
+    """Creates the job, or reopens it for another enqueue pass over the same input."""
+    now = time.time()
+    pipe = r.pipeline()
+    pipe.hsetnx(k.job_key(job_id), "created_at", now)
+    pipe.hset(
+        k.job_key(job_id),
+        mapping={
+            "state": "enqueuing",
+            "output_path": output_path,
+            "errors_path": errors_path,
+            "output_key": output_key,
+            "input_path": input_path,
+            "params": params_json,
+            "enqueue_complete": 0,
+        },
+    )
+    pipe.hdel(k.job_key(job_id), "finished_at")
+    pipe.zadd(k.JOBS_INDEX, {job_id: now}, nx=True)
+    pipe.execute()
+
+
+def job_config(r: redis.Redis, job_id: str) -> dict[str, str] | None:
+    raw = r.hgetall(k.job_key(job_id))
+    if not raw:
+        return None
+    return {key.decode(): value.decode() for key, value in raw.items()}
+
+
+def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
+    pipe = r.pipeline()
+    pipe.hgetall(k.job_key(job_id))
+    pipe.scard(k.job_items_key(job_id))
+    raw, total = pipe.execute()
+    if not raw:
+        return None
+    h = {key.decode(): value.decode() for key, value in raw.items()}
+    return JobStatus(
+        job_id=job_id,
+        state=h.get("state", "unknown"),
+        total=int(total),
+        written=int(h.get("written", 0)),
+        failed=int(h.get("failed", 0)),
+        enqueued=int(h.get("enqueued", 0)),
+        skipped=int(h.get("skipped", 0)),
+        enqueue_complete=h.get("enqueue_complete") == "1",
+        output_path=h.get("output_path", ""),
+        errors_path=h.get("errors_path", ""),
+        output_key=h.get("output_key", "qa_pairs"),
+        created_at=float(h.get("created_at", 0)),
+        finished_at=float(h["finished_at"]) if "finished_at" in h else None,
+    )
+
+
+def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
+    return [j.decode() for j in r.zrevrange(k.JOBS_INDEX, 0, limit - 1)]
+
+
+def finish_if_complete(r: redis.Redis, job_id: str) -> bool:
+    """Marks the job done when enqueueing is over and every item is written; True if it is done.
+
+    Called by the collector after each batch and by the producer after enqueueing; idempotent.
+    """
+    pipe = r.pipeline()
+    pipe.hget(k.job_key(job_id), "enqueue_complete")
+    pipe.scard(k.job_items_key(job_id))
+    pipe.scard(k.job_done_key(job_id))
+    complete, total, done = pipe.execute()
+    if complete != b"1" or done < total:
+        return False
+    if r.hsetnx(k.job_key(job_id), "finished_at", time.time()):
+        r.hset(k.job_key(job_id), "state", "done")
+        r.publish(k.job_events_channel(job_id), orjson.dumps({"job_id": job_id, "event": "done"}))
+    return True

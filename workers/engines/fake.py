@@ -1,0 +1,52 @@
+"""A real, instant engine for plumbing tests and benchmarks: it writes valid pairs without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import orjson
+
+from workers.engines.base import Engine, EngineRequest
+
+
+class FakeEngine(Engine):
+    """Answers every request with deterministic pairs derived from the image content.
+
+    A prompt containing ``FAKE_INVALID`` gets an answer that fails validation, so the error path can
+    be exercised without a model.
+    """
+
+    name = "fake"
+
+    def __init__(self, model: str = "fake", delay_s: float = 0.0) -> None:
+        self.model = model
+        self.delay_s = delay_s
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def generate(self, request: EngineRequest) -> str:
+        if not self.started:
+            raise RuntimeError("engine not started")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if "FAKE_INVALID" in request.prompt:
+            return '{"qa_pairs": []}'
+        digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
+        sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
+        pairs = [
+            {"question": f"How many images are shown (set {digest})?", "answer": str(len(request.images))},
+            {"question": "What size is the image?", "answer": sizes},
+            {"question": "What colour dominates the picture?", "answer": _dominant(request)},
+        ]
+        return orjson.dumps({"qa_pairs": pairs}).decode()
+
+    async def shutdown(self) -> None:
+        self.started = False
+
+
+def _dominant(request: EngineRequest) -> str:
+    r, g, b = request.images[0].resize((1, 1)).getpixel((0, 0))[:3]
+    return max((r, "red"), (g, "green"), (b, "blue"))[1]

