@@ -261,6 +261,10 @@ def build_tiny_model(out: Path = DEFAULT_OUT) -> Path:
         image_processor.save_pretrained(tmp)  # preprocessor_config.json
         (tmp / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
         (tmp / MARKER).write_text(RECIPE_VERSION + "\n")
+        # mkdtemp makes a private 0700 directory; a model is read by other users and containers.
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

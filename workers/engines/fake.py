@@ -37,10 +37,14 @@ class FakeEngine(Engine):
         digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
         sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
         pairs = [
-            {"question": f"How many images are shown (set {digest})?", "answer": str(len(request.images))},
+            {"question": f"How many images ({digest})?", "answer": str(len(request.images))},
             {"question": "What size is the image?", "answer": sizes},
             {"question": "What colour dominates the picture?", "answer": _dominant(request)},
         ]
+        limits = _max_lengths(request)
+        for pair in pairs:
+            for key, limit in limits.items():
+                pair[key] = pair[key][:limit]
         return orjson.dumps({"qa_pairs": pairs}).decode()
 
     async def shutdown(self) -> None:
@@ -50,3 +54,13 @@ class FakeEngine(Engine):
 def _dominant(request: EngineRequest) -> str:
     r, g, b = request.images[0].resize((1, 1)).getpixel((0, 0))[:3]
     return max((r, "red"), (g, "green"), (b, "blue"))[1]
+
+
+def _max_lengths(request: EngineRequest) -> dict[str, int]:
+    # Honour the schema's maxLength like constrained decoding would.
+    try:
+        props = request.json_schema["properties"]["qa_pairs"]  # type: ignore[index]
+        items = props["items"]["properties"]
+        return {key: int(items[key]["maxLength"]) for key in ("question", "answer")}
+    except (TypeError, KeyError):
+        return {}

@@ -1,0 +1,38 @@
+# Every target sets up what it needs: ops/setup_env.sh builds (once, cached) and links .venv.
+VENV := .venv
+PY := $(VENV)/bin/python
+TINY_MODEL := .cache/tiny-qwen2.5-vl
+DEMO_OUT := out/demo.jsonl
+
+.PHONY: setup model demo test test-fast lint bench clean
+
+setup:
+	@bash ops/setup_env.sh
+
+model: setup
+	@$(PY) ops/build_tiny_model.py --out $(TINY_MODEL)
+
+demo: model
+	@rm -f $(DEMO_OUT) out/demo.errors.jsonl
+	$(VENV)/bin/imageqa run examples/images -o $(DEMO_OUT) --model $(TINY_MODEL) --max-tokens 512
+	@echo
+	@echo "Output: $(DEMO_OUT) ($$(wc -l < $(DEMO_OUT)) rows). The demo model has random weights, so its"
+	@echo "questions and answers are nonsense; the whole real path ran (images, prompt, vLLM, JSON schema,"
+	@echo "checks, Redis, Celery, collector). Use --model Qwen/Qwen2.5-VL-3B-Instruct on a GPU for real data."
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not engine"
+
+lint: setup
+	$(VENV)/bin/ruff check producer workers tests ops
+	$(VENV)/bin/ruff format --check producer workers tests ops
+	$(VENV)/bin/mypy
+
+bench: model
+	$(PY) ops/bench_engine.py --model $(TINY_MODEL)
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,119 @@
+"""Shared test helpers: images, input files, a worker process, a collector thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from PIL import Image
+
+from producer.jobs import JobStatus, job_status
+from producer.broker import redis_client
+from workers.collector import Collector
+from workers.settings import CollectorSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "images"
+
+
+def make_images(folder: Path, count: int, prefix: str = "img", size: tuple[int, int] = (96, 64)) -> list[Path]:
+    """Distinct small images (a colour gradient per index), plus the real example photos mixed in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (size[0] + i % 7, size[1]), ((37 * i) % 256, (91 * i) % 256, (53 * i + 40) % 256))
+        for x in range(0, image.width, 8):
+            image.putpixel((x, (i * 3) % image.height), (255, 255, 255))
+        path = folder / f"{prefix}{i:03d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    with path.open("wb") as f:
+        for row in rows:
+            f.write((row if isinstance(row, bytes) else orjson.dumps(row)) + b"\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+class CollectorThread:
+    def __init__(self, redis_url: str) -> None:
+        self.collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=100))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.collector.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> CollectorThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def wait_done(redis_url: str, job_id: str, timeout_s: float = 120.0) -> JobStatus:
+    r = redis_client(redis_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = job_status(r, job_id)
+        if st is not None and st.finished:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not done after {timeout_s} s: {job_status(r, job_id)}")
+
+
+class WorkerProcess:
+    """A real ``imageqa worker`` (Celery, threads pool) in a subprocess."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 300.0) -> WorkerProcess:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker", "--loglevel", "INFO"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            )
+        self.wait_for(lambda text: " ready." in text, ready_timeout_s)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self.log()):
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
