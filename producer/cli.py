@@ -35,10 +35,26 @@ def parse_pairs(text: str) -> tuple[int, int]:
         raise typer.BadParameter(f"{text!r}: expected N or MIN-MAX, e.g. 3-5") from None
 
 
-def generation_params(model: str | None, pairs: str, max_tokens: int = 1024) -> GenerationParams:
+MaxTokensOption = Annotated[int, typer.Option(help="Token budget of one answer.")]
+QuestionCharsOption = Annotated[int, typer.Option(help="Longest question, in characters.")]
+AnswerCharsOption = Annotated[int, typer.Option(help="Longest answer, in characters.")]
+TemperatureOption = Annotated[float, typer.Option(help="Sampling temperature.")]
+
+
+def generation_params(
+    model: str | None,
+    pairs: str,
+    max_tokens: int = 1024,
+    max_question_chars: int = 300,
+    max_answer_chars: int = 500,
+    temperature: float = 0.7,
+) -> GenerationParams:
     min_pairs, max_pairs = parse_pairs(pairs)
     try:
-        return GenerationParams(model=model, min_pairs=min_pairs, max_pairs=max_pairs, max_tokens=max_tokens)
+        return GenerationParams(
+            model=model, min_pairs=min_pairs, max_pairs=max_pairs, max_tokens=max_tokens,
+            max_question_chars=max_question_chars, max_answer_chars=max_answer_chars, temperature=temperature,
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
@@ -54,6 +70,10 @@ def enqueue(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, written by the collector.")],
     model: ModelOption = None,
     pairs: PairsOption = "3-5",
+    max_tokens: MaxTokensOption = 1024,
+    max_question_chars: QuestionCharsOption = 300,
+    max_answer_chars: AnswerCharsOption = 500,
+    temperature: TemperatureOption = 0.7,
     job_id: Annotated[Optional[str], typer.Option(help="Job id (default: from input, output, settings).")] = None,  # noqa: UP007
     input_format: Annotated[Optional[str], typer.Option("--format", help="Input format if not by suffix.")] = None,  # noqa: UP007
 ) -> None:
@@ -61,7 +81,7 @@ def enqueue(
     settings = ProducerSettings()
     try:
         summary = enqueue_file(
-            input_path, output, settings=settings, params=generation_params(model, pairs),
+            input_path, output, settings=settings, params=generation_params(model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature),
             job_id=job_id, input_format=input_format,
         )
     except ImageQAError as e:

@@ -13,7 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from producer.cli import (
+    AnswerCharsOption,
+    MaxTokensOption,
     ModelOption,
+    QuestionCharsOption,
+    TemperatureOption,
     PairsOption,
     app,
     console,
@@ -72,13 +76,16 @@ def run(
     engine: EngineOption = None,
     concurrency: Annotated[Optional[int], typer.Option(help="Tasks in flight.")] = None,  # noqa: UP007
     input_format: Annotated[Optional[str], typer.Option("--format")] = None,  # noqa: UP007
-    max_tokens: Annotated[int, typer.Option(help="Token budget of one answer.")] = 1024,
+    max_tokens: MaxTokensOption = 1024,
+    max_question_chars: QuestionCharsOption = 300,
+    max_answer_chars: AnswerCharsOption = 500,
+    temperature: TemperatureOption = 0.7,
 ) -> None:
     """Run the whole system on this box: Redis (embedded unless IMAGEQA_REDIS_URL answers), a worker,
     the collector and the producer; exits 0 when every row is written or failed."""
     from workers.local import LocalCluster
 
-    params = generation_params(model, pairs, max_tokens)
+    params = generation_params(model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature)
     try:
         with LocalCluster(
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
