@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import redis
@@ -68,6 +69,24 @@ def register_job(
     pipe.hdel(k.job_key(job_id), "finished_at")
     pipe.zadd(k.JOBS_INDEX, {job_id: now}, nx=True)
     pipe.execute()
+
+
+def adopt_job(r: redis.Redis, job_id: str, output_dir: Path) -> dict[str, str]:
+    """Registers a job first seen by the collector, writing to ``output_dir/<job_id>.jsonl``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
+    fields = {
+        "state": "running",
+        "output_path": str(output_dir / f"{safe}.jsonl"),
+        "errors_path": str(output_dir / f"{safe}.errors.jsonl"),
+        "output_key": "qa_pairs",
+        "created_at": str(time.time()),
+    }
+    pipe = r.pipeline()
+    for key, value in fields.items():
+        pipe.hsetnx(k.job_key(job_id), key, value)
+    pipe.zadd(k.JOBS_INDEX, {job_id: time.time()}, nx=True)
+    pipe.execute()
+    return job_config(r, job_id) or fields
 
 
 def job_config(r: redis.Redis, job_id: str) -> dict[str, str] | None:

@@ -51,8 +51,8 @@ def read_jsonl(path: Path) -> list[Any]:
 
 
 class CollectorThread:
-    def __init__(self, redis_url: str) -> None:
-        self.collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=100))
+    def __init__(self, redis_url: str, **settings: Any) -> None:
+        self.collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=100, **settings))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.collector.run, args=(self.stop,), daemon=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -128,3 +129,23 @@ def test_status_of_unknown_job_and_unreachable_redis_are_clear_errors(redis_url)
     out = subprocess.run([sys.executable, "-m", "workers.cli", "status", "x"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "does not answer" in out.stderr
     assert job_status(redis_client(redis_url), "nope") is None
+
+
+def test_a_plain_celery_client_can_enqueue_without_this_project(cluster, media, tmp_path):
+    from celery import Celery
+
+    (image,) = make_images(media, 1)
+    client = Celery("other-app", broker=cluster.redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    kwargs = {"job_id": "other-app-job", "item_id": "item-1", "row_index": 0, "images": [str(image)],
+              "row": {"image": [str(image)], "source": "other-app"},
+              "params": {"max_question_chars": 40, "max_answer_chars": 40}}
+    client.send_task("imageqa.generate", kwargs=kwargs, queue="imageqa.generate")
+    with CollectorThread(cluster.redis_url, output_dir=tmp_path / "adopted") as collector:
+        deadline = time.monotonic() + 300
+        while collector.collector.rows_written + collector.collector.rows_failed == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    (row,) = read_jsonl(tmp_path / "adopted" / "other-app-job.jsonl")
+    assert row["source"] == "other-app"
+    assert_pairs(row)

@@ -87,9 +87,6 @@ class Collector:
                 log.error("dropping stream entry %s: %s", entry_id.decode(), e)
                 continue
             config = self._config(record.job_id)
-            if config is None:
-                log.error("dropping result for unknown job %s", record.job_id)
-                continue
             batches.setdefault(record.job_id, _JobBatch(config)).records.setdefault(record.item_id, record)
         pipe = self.r.pipeline()
         for job_id, batch in batches.items():
@@ -112,6 +109,8 @@ class Collector:
         _append(Path(batch.config["output_path"]), ok)
         _append(Path(batch.config["errors_path"]), [orjson.dumps(error_row(rec)) for rec in failed])
         pipe.sadd(k.job_done_key(job_id), *[rec.item_id for rec in fresh])
+        if "input_path" not in batch.config:  # an adopted job: its items are known only from results
+            pipe.sadd(k.job_items_key(job_id), *[rec.item_id for rec in fresh])
         pipe.hincrby(k.job_key(job_id), "written", len(ok))
         pipe.hincrby(k.job_key(job_id), "failed", len(failed))
         for rec in failed:
@@ -119,11 +118,13 @@ class Collector:
         self.rows_written += len(ok)
         self.rows_failed += len(failed)
 
-    def _config(self, job_id: str) -> dict[str, str] | None:
+    def _config(self, job_id: str) -> dict[str, str]:
         if job_id not in self._configs:
             config = jobs.job_config(self.r, job_id)
-            if config is None:
-                return None
+            if config is None or "output_path" not in config:
+                # Tasks sent by a plain Celery client name a job nobody registered: adopt it.
+                config = jobs.adopt_job(self.r, job_id, Path(self.settings.output_dir).resolve())
+                log.info("job %s was not registered; writing it to %s", job_id, config["output_path"])
             self._configs[job_id] = config
         return self._configs[job_id]
 

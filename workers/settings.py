@@ -59,3 +59,5 @@ class CollectorSettings(RedisSettings):
     batch_size: int = 500
     """Stream entries read, written and fsynced per batch."""
     block_ms: int = 1000
+    output_dir: Path = Path("imageqa-output")
+    """Where jobs that no producer registered (tasks sent by other applications) are written."""
