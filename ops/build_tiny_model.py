@@ -235,7 +235,7 @@ def build_tiny_model(out: Path = DEFAULT_OUT) -> Path:
     config.eos_token_id = text_config["eos_token_id"]
     config.pad_token_id = text_config["pad_token_id"]
 
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model = Qwen2_5_VLForConditionalGeneration(config).bfloat16().eval()
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         pad_token_id=ids["<|endoftext|>"],

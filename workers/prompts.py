@@ -40,8 +40,8 @@ def qa_schema(params: GenerationParams) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "properties": {
-                        "question": {"type": "string", "minLength": 1, "maxLength": params.max_question_chars},
-                        "answer": {"type": "string", "minLength": 1, "maxLength": params.max_answer_chars},
+                        "question": _text(params.max_question_chars),
+                        "answer": _text(params.max_answer_chars),
                     },
                     "required": ["question", "answer"],
                     "additionalProperties": False,
@@ -51,3 +51,8 @@ def qa_schema(params: GenerationParams) -> dict[str, Any]:
         "required": ["qa_pairs"],
         "additionalProperties": False,
     }
+
+
+def _text(max_chars: int) -> dict[str, Any]:
+    # "pattern" (unanchored) demands one non-space character: no blank strings.
+    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": "\\S"}

@@ -49,6 +49,10 @@ class WorkerSettings(ImageSettings):
     max_num_seqs: int = 64
     max_images_per_prompt: int = 4
     dtype: str = "auto"
+    enforce_eager: bool | None = None
+    """Skip torch.compile and CUDA graphs; unset: on for CPU, off for GPU."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache size; unset: vLLM's share of GPU memory, or 1 GiB on a CPU."""
     task_time_limit_s: int = 600
     """Hard per-task limit; the engine request is cancelled after ``task_time_limit_s - 30``."""
     fake_delay_s: float = 0.0

@@ -1,0 +1,162 @@
+"""Engine parity: vLLM's offline ``LLM.chat`` over N images vs the worker path (enqueue -> collected).
+
+Both use the same model, engine settings, prompt, JSON schema, sampling and image preprocessing; engine
+start-up is excluded from both timings. Runs alternate (offline, worker, offline, worker, ...) so that
+machine noise hits both. Prints a table and ``BENCH name=value target=value`` lines.
+
+    python ops/bench_engine.py --model .cache/tiny-qwen2.5-vl --n 128 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from producer.broker import redis_client  # noqa: E402
+from producer.contract import GenerationParams  # noqa: E402
+from producer.enqueue import enqueue_file  # noqa: E402
+from producer.jobs import job_status  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.helpers import EXAMPLES, make_images, write_jsonl  # noqa: E402
+from workers.collector import Collector  # noqa: E402
+from workers.settings import CollectorSettings  # noqa: E402
+
+
+def prepare_images(folder: Path, n: int) -> list[Path]:
+    """Real photos and generated images of several sizes, mixed."""
+    real = sorted(EXAMPLES.glob("*.jpg"))
+    generated = []
+    for i, size in enumerate([(96, 64), (320, 240), (640, 480)]):
+        generated += make_images(folder, n // 3 + 1, prefix=f"gen{i}-", size=size)
+    images = []
+    for i in range(n):
+        images.append(real[i % len(real)] if i % 4 == 0 else generated[i % len(generated)])
+    return images
+
+
+def offline_run(args: argparse.Namespace, images: list[Path], params: GenerationParams) -> float:
+    """Runs offline LLM.chat in a subprocess (its own engine) and returns images/s."""
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from producer.contract import GenerationParams
+from workers.engines.base import EngineRequest, SamplingSettings
+from workers.engines.vllm import VLLMEngineConfig, offline_chat
+from workers.images import load_image
+from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
+from workers.settings import ImageSettings
+params = GenerationParams.model_validate_json({params.model_dump_json()!r})
+settings = ImageSettings(media_roots=["/"])
+paths = {json.dumps([str(p) for p in images])}
+config = VLLMEngineConfig(model={args.model!r}, max_model_len={args.max_model_len}, max_num_seqs={args.max_num_seqs})
+sampling = SamplingSettings(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
+def requests():
+    return [EngineRequest(request_id=str(i), images=[load_image(p, settings)], prompt=build_prompt(params, 1),
+            system_prompt=SYSTEM_PROMPT, json_schema=qa_schema(params), sampling=sampling) for i, p in enumerate(paths)]
+offline_chat(config, requests()[:4])  # warm-up: engine start and first compilation are not timed
+start = time.perf_counter()
+outputs = offline_chat(config, requests())
+elapsed = time.perf_counter() - start
+print("RESULT", json.dumps({{"n": len(outputs), "elapsed_s": elapsed}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+            return result["n"] / result["elapsed_s"]
+    raise SystemExit(f"offline run failed:\n{done.stderr[-4000:]}")
+
+
+def worker_run(redis_url: str, folder: Path, images: list[Path], params: GenerationParams, tag: str) -> float:
+    rows = [{"image": str(p), "bench": tag, "i": i} for i, p in enumerate(images)]
+    source = write_jsonl(folder / f"in-{tag}.jsonl", rows)
+    collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=50, consumer=f"bench-{tag}"))
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
+    thread.start()
+    r = redis_client(redis_url)
+    start = time.perf_counter()
+    summary = enqueue_file(source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url),
+                           params=params)
+    while not (st := job_status(r, summary.job_id)) or not st.finished:
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    if st.failed:
+        print(f"  note: {st.failed} of {st.total} rows failed validation in worker round {tag}")
+    return len(images) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--redis-url", default=os.environ.get("IMAGEQA_BENCH_REDIS", "redis://127.0.0.1:6379/12"))
+    args = parser.parse_args()
+    params = GenerationParams(max_question_chars=40, max_answer_chars=40, max_tokens=1024)
+
+    r = redis_client(args.redis_url)
+    r.flushdb()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        images = prepare_images(folder, args.n)
+        env = {**os.environ, "IMAGEQA_REDIS_URL": args.redis_url, "IMAGEQA_MODEL": args.model,
+               "IMAGEQA_ENGINE": "vllm", "IMAGEQA_MEDIA_ROOTS": os.pathsep.join([tmp, str(EXAMPLES)]),
+               "IMAGEQA_CONCURRENCY": str(args.concurrency), "IMAGEQA_MAX_NUM_SEQS": str(args.max_num_seqs),
+               "IMAGEQA_MAX_MODEL_LEN": str(args.max_model_len)}
+        offline, worker = [], []
+        for round_no in range(args.rounds):
+            offline.append(offline_run(args, images, params))
+            print(f"round {round_no + 1}: offline LLM.chat {offline[-1]:.1f} images/s", flush=True)
+            log_path = folder / f"worker-{round_no}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                _wait_ready(log_path, proc)
+                worker_run(args.redis_url, folder, images[:8], params, f"warm{round_no}")  # warm-up, untimed
+                worker.append(worker_run(args.redis_url, folder, images, params, f"r{round_no}"))
+            finally:
+                proc.terminate()
+                proc.wait(120)
+            print(f"round {round_no + 1}: worker path     {worker[-1]:.1f} images/s", flush=True)
+    ratios = [w / o for w, o in zip(worker, offline)]
+    print()
+    print(f"| N | offline LLM.chat images/s | worker path images/s | worker/offline |")
+    print(f"|---|---|---|---|")
+    for o, w, q in zip(offline, worker, ratios):
+        print(f"| {args.n} | {o:.1f} | {w:.1f} | {q:.2f} |")
+    print(f"BENCH engine_offline_images_per_s={statistics.median(offline):.1f}")
+    print(f"BENCH worker_images_per_s={statistics.median(worker):.1f}")
+    print(f"BENCH worker_over_offline={statistics.median(ratios):.2f} target=0.9")
+
+
+def _wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+        if " ready." in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise SystemExit("worker not ready")
+
+
+if __name__ == "__main__":
+    main()
