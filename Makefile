@@ -14,7 +14,8 @@ model: setup
 
 demo: model
 	@rm -f $(DEMO_OUT) out/demo.errors.jsonl
-	$(VENV)/bin/imageqa run examples/images -o $(DEMO_OUT) --model $(TINY_MODEL) --max-tokens 512
+	$(VENV)/bin/imageqa run examples/images -o $(DEMO_OUT) --model $(TINY_MODEL) \
+		--max-question-chars 48 --max-answer-chars 48 --max-tokens 2048
 	@echo
 	@echo "Output: $(DEMO_OUT) ($$(wc -l < $(DEMO_OUT)) rows). The demo model has random weights, so its"
 	@echo "questions and answers are nonsense; the whole real path ran (images, prompt, vLLM, JSON schema,"
@@ -32,7 +33,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: model
-	$(PY) ops/bench_engine.py --model $(TINY_MODEL)
+	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 3
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -47,35 +47,64 @@ def prepare_images(folder: Path, n: int) -> list[Path]:
 
 def offline_run(args: argparse.Namespace, images: list[Path], params: GenerationParams) -> float:
     """Runs offline LLM.chat in a subprocess (its own engine) and returns images/s."""
-    code = f"""
-import json, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-from producer.contract import GenerationParams
-from workers.engines.base import EngineRequest, SamplingSettings
-from workers.engines.vllm import VLLMEngineConfig, offline_chat
-from workers.images import load_image
-from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
-from workers.settings import ImageSettings
-params = GenerationParams.model_validate_json({params.model_dump_json()!r})
-settings = ImageSettings(media_roots=["/"])
-paths = {json.dumps([str(p) for p in images])}
-config = VLLMEngineConfig(model={args.model!r}, max_model_len={args.max_model_len}, max_num_seqs={args.max_num_seqs})
-sampling = SamplingSettings(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
-def requests():
-    return [EngineRequest(request_id=str(i), images=[load_image(p, settings)], prompt=build_prompt(params, 1),
-            system_prompt=SYSTEM_PROMPT, json_schema=qa_schema(params), sampling=sampling) for i, p in enumerate(paths)]
-offline_chat(config, requests()[:4])  # warm-up: engine start and first compilation are not timed
-start = time.perf_counter()
-outputs = offline_chat(config, requests())
-elapsed = time.perf_counter() - start
-print("RESULT", json.dumps({{"n": len(outputs), "elapsed_s": elapsed}}))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    spec = {
+        "model": args.model,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "params": params.model_dump(mode="json"),
+        "images": [str(p) for p in images],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    done = subprocess.run(
+        [sys.executable, __file__, "--offline-child", f.name], capture_output=True, text=True, cwd=ROOT
+    )
+    os.unlink(f.name)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[7:])
             return result["n"] / result["elapsed_s"]
     raise SystemExit(f"offline run failed:\n{done.stderr[-4000:]}")
+
+
+def offline_child(spec_path: str) -> None:
+    """The offline side: load the images as a worker does, then one ``LLM.chat`` batch over all."""
+    from workers.engines import vllm_config
+    from workers.engines.base import EngineRequest, SamplingSettings
+    from workers.engines.vllm import offline_chat
+    from workers.images import load_image
+    from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
+    from workers.settings import ImageSettings, WorkerSettings
+
+    spec = json.loads(Path(spec_path).read_text())
+    params = GenerationParams.model_validate(spec["params"])
+    # Exactly the engine settings a worker derives from the same settings.
+    config = vllm_config(
+        WorkerSettings(
+            model=spec["model"], max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"]
+        )
+    )
+    sampling = SamplingSettings(
+        temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens
+    )
+    image_settings = ImageSettings(media_roots=[Path("/")])
+    # Timed: loading the images and the batch; not timed: the engine start (as for the worker).
+    started = time.perf_counter()
+    batch = [
+        EngineRequest(
+            request_id=str(i),
+            images=[load_image(p, image_settings)],
+            prompt=build_prompt(params, 1),
+            system_prompt=SYSTEM_PROMPT,
+            json_schema=qa_schema(params),
+            sampling=sampling,
+        )
+        for i, p in enumerate(spec["images"])
+    ]
+    load_s = time.perf_counter() - started
+    stats: dict[str, float] = {}
+    outputs = offline_chat(config, batch, stats=stats)
+    print("RESULT", json.dumps({"n": len(outputs), "elapsed_s": load_s + stats["generate_s"]}))
 
 
 def worker_run(redis_url: str, folder: Path, images: list[Path], params: GenerationParams, tag: str) -> float:
@@ -87,8 +116,9 @@ def worker_run(redis_url: str, folder: Path, images: list[Path], params: Generat
     thread.start()
     r = redis_client(redis_url)
     start = time.perf_counter()
-    summary = enqueue_file(source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url),
-                           params=params)
+    summary = enqueue_file(
+        source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url), params=params
+    )
     while not (st := job_status(r, summary.job_id)) or not st.finished:
         time.sleep(0.02)
     elapsed = time.perf_counter() - start
@@ -100,51 +130,87 @@ def worker_run(redis_url: str, folder: Path, images: list[Path], params: Generat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model")
+    parser.add_argument("--offline-child", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--redis-url", default=os.environ.get("IMAGEQA_BENCH_REDIS", "redis://127.0.0.1:6379/12"))
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("IMAGEQA_BENCH_REDIS", "redis://127.0.0.1:6379/12")
+    )
     args = parser.parse_args()
-    params = GenerationParams(max_question_chars=40, max_answer_chars=40, max_tokens=1024)
+    if args.offline_child:
+        offline_child(args.offline_child)
+        return
+    if not args.model:
+        parser.error("--model is required")
+    # Greedy decoding: both paths then decode the same tokens for the same image, so the comparison
+    # measures the serving path, not how long random-weight sampling happened to ramble.
+    params = GenerationParams(
+        max_question_chars=40, max_answer_chars=40, max_tokens=1024, temperature=args.temperature
+    )
 
     r = redis_client(args.redis_url)
     r.flushdb()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         images = prepare_images(folder, args.n)
-        env = {**os.environ, "IMAGEQA_REDIS_URL": args.redis_url, "IMAGEQA_MODEL": args.model,
-               "IMAGEQA_ENGINE": "vllm", "IMAGEQA_MEDIA_ROOTS": os.pathsep.join([tmp, str(EXAMPLES)]),
-               "IMAGEQA_CONCURRENCY": str(args.concurrency), "IMAGEQA_MAX_NUM_SEQS": str(args.max_num_seqs),
-               "IMAGEQA_MAX_MODEL_LEN": str(args.max_model_len)}
+        env = {
+            **os.environ,
+            "IMAGEQA_REDIS_URL": args.redis_url,
+            "IMAGEQA_MODEL": args.model,
+            "IMAGEQA_ENGINE": "vllm",
+            "IMAGEQA_MEDIA_ROOTS": os.pathsep.join([tmp, str(EXAMPLES)]),
+            "IMAGEQA_CONCURRENCY": str(args.concurrency),
+            "IMAGEQA_MAX_NUM_SEQS": str(args.max_num_seqs),
+            "IMAGEQA_MAX_MODEL_LEN": str(args.max_model_len),
+        }
         offline, worker = [], []
         for round_no in range(args.rounds):
-            offline.append(offline_run(args, images, params))
-            print(f"round {round_no + 1}: offline LLM.chat {offline[-1]:.1f} images/s", flush=True)
-            log_path = folder / f"worker-{round_no}.log"
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, cwd=ROOT)
-            try:
-                _wait_ready(log_path, proc)
-                worker_run(args.redis_url, folder, images[:8], params, f"warm{round_no}")  # warm-up, untimed
-                worker.append(worker_run(args.redis_url, folder, images, params, f"r{round_no}"))
-            finally:
-                proc.terminate()
-                proc.wait(120)
-            print(f"round {round_no + 1}: worker path     {worker[-1]:.1f} images/s", flush=True)
-    ratios = [w / o for w, o in zip(worker, offline)]
+            # Alternate which path goes first, so drift in the machine's speed hits both.
+            order = ("offline", "worker") if round_no % 2 == 0 else ("worker", "offline")
+            for path in order:
+                if path == "offline":
+                    offline.append(offline_run(args, images, params))
+                    print(f"round {round_no + 1}: offline LLM.chat {offline[-1]:.1f} images/s", flush=True)
+                else:
+                    worker.append(_worker_round(args, env, folder, images, params, round_no))
+                    print(f"round {round_no + 1}: worker path     {worker[-1]:.1f} images/s", flush=True)
+    ratios = [w / o for w, o in zip(worker, offline, strict=True)]
     print()
-    print(f"| N | offline LLM.chat images/s | worker path images/s | worker/offline |")
-    print(f"|---|---|---|---|")
-    for o, w, q in zip(offline, worker, ratios):
+    print("| N | offline LLM.chat images/s | worker path images/s | worker/offline |")
+    print("|---|---|---|---|")
+    for o, w, q in zip(offline, worker, ratios, strict=True):
         print(f"| {args.n} | {o:.1f} | {w:.1f} | {q:.2f} |")
     print(f"BENCH engine_offline_images_per_s={statistics.median(offline):.1f}")
     print(f"BENCH worker_images_per_s={statistics.median(worker):.1f}")
     print(f"BENCH worker_over_offline={statistics.median(ratios):.2f} target=0.9")
+
+
+def _worker_round(args, env, folder, images, params, round_no) -> float:  # type: ignore[no-untyped-def]
+    """Starts a worker (engine start not timed), warms it up, then times N images through it."""
+    log_path = folder / f"worker-{round_no}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        _wait_ready(log_path, proc)
+        worker_run(args.redis_url, folder, images[:8], params, f"warm{round_no}")
+        return worker_run(args.redis_url, folder, images, params, f"r{round_no}")
+    finally:
+        proc.terminate()
+        proc.wait(120)
 
 
 def _wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:

@@ -6,9 +6,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
+import redis
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,11 +22,13 @@ from producer.errors import ImageQAError
 from producer.jobs import JobStatus, job_status, list_jobs
 from producer.settings import ProducerSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn images into checked question-answer pairs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Turn images into checked question-answer pairs."
+)
 console = Console(stderr=True)
 
 PairsOption = Annotated[str, typer.Option("--pairs", help="Pairs per image: N or MIN-MAX.")]
-ModelOption = Annotated[Optional[str], typer.Option("--model", help="Local model folder or hub id.")]  # noqa: UP007
+ModelOption = Annotated[str | None, typer.Option("--model", help="Local model folder or hub id.")]
 
 
 def parse_pairs(text: str) -> tuple[int, int]:
@@ -52,8 +56,13 @@ def generation_params(
     min_pairs, max_pairs = parse_pairs(pairs)
     try:
         return GenerationParams(
-            model=model, min_pairs=min_pairs, max_pairs=max_pairs, max_tokens=max_tokens,
-            max_question_chars=max_question_chars, max_answer_chars=max_answer_chars, temperature=temperature,
+            model=model,
+            min_pairs=min_pairs,
+            max_pairs=max_pairs,
+            max_tokens=max_tokens,
+            max_question_chars=max_question_chars,
+            max_answer_chars=max_answer_chars,
+            temperature=temperature,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -74,15 +83,25 @@ def enqueue(
     max_question_chars: QuestionCharsOption = 300,
     max_answer_chars: AnswerCharsOption = 500,
     temperature: TemperatureOption = 0.7,
-    job_id: Annotated[Optional[str], typer.Option(help="Job id (default: from input, output, settings).")] = None,  # noqa: UP007
-    input_format: Annotated[Optional[str], typer.Option("--format", help="Input format if not by suffix.")] = None,  # noqa: UP007
+    job_id: Annotated[
+        str | None, typer.Option(help="Job id (default: from input, output, settings).")
+    ] = None,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="Input format if not by suffix.")
+    ] = None,
 ) -> None:
     """Enqueue one task per input row for the workers; prints the job id."""
     settings = ProducerSettings()
     try:
         summary = enqueue_file(
-            input_path, output, settings=settings, params=generation_params(model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature),
-            job_id=job_id, input_format=input_format,
+            input_path,
+            output,
+            settings=settings,
+            params=generation_params(
+                model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature
+            ),
+            job_id=job_id,
+            input_format=input_format,
         )
     except ImageQAError as e:
         raise fail(e) from None
@@ -130,7 +149,7 @@ def jobs_command(limit: int = 20) -> None:
 
 
 @app.command()
-def schema(output: Annotated[Optional[Path], typer.Option("-o", "--output")] = None) -> None:  # noqa: UP007
+def schema(output: Annotated[Path | None, typer.Option("-o", "--output")] = None) -> None:
     """Print the JSON Schema of the task message and the result record."""
     text = json.dumps(json_schemas(), indent=2, sort_keys=True) + "\n"
     if output:
@@ -146,11 +165,18 @@ def describe(st: JobStatus) -> str:
     )
 
 
-def wait_for_job(r, job_id: str, out: Console, poll_s: float = 0.25, alive=lambda: True) -> JobStatus:  # type: ignore[no-untyped-def]
+def wait_for_job(
+    r: redis.Redis, job_id: str, out: Console, poll_s: float = 0.25, alive: Callable[[], bool] = lambda: True
+) -> JobStatus:
     """Shows a progress bar until the job is done; ``alive`` returning False aborts the wait."""
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[failed]} failed"), TimeRemainingColumn(), console=out, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=False,
     ) as progress:
         bar = progress.add_task("images", total=None, failed=0)
         while True:

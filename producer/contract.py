@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from producer.errors import ContractError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 PROMPT_VERSION = "qa-v1"
 """Version of the default prompt; part of every item id, so a new prompt regenerates everything."""
 

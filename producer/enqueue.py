@@ -89,7 +89,7 @@ def enqueue_file(
                 pipe.smismember(k.job_done_key(job_id), [item_id for _, item_id in items])
                 _, done_flags = pipe.execute()
                 pipe = r.pipeline()
-                for (raw, item_id), done in zip(items, done_flags):
+                for (raw, item_id), done in zip(items, done_flags, strict=True):
                     counts["rows"] += 1
                     if done:
                         counts["skipped"] += 1
@@ -130,7 +130,9 @@ def _message(
     if raw.error is not None:
         raise raw.error
     refs = [resolve_ref(ref, base) for ref in row_images(raw.row, image_key)]
-    return TaskMessage(job_id=job_id, item_id=item_id, row_index=raw.index, images=refs, row=raw.row, params=params)
+    return TaskMessage(
+        job_id=job_id, item_id=item_id, row_index=raw.index, images=refs, row=raw.row, params=params
+    )
 
 
 def _rejected(raw: RawRow, item_id: str, job_id: str, error: InputError) -> ResultRecord:

@@ -150,7 +150,9 @@ def row_images(row: Any, image_key: str) -> list[str]:
     if not refs:
         raise InputError(f"{image_key!r} is an empty list", code="image_list_empty")
     if len(refs) > MAX_IMAGES_PER_ROW:
-        raise InputError(f"{len(refs)} images in one row; at most {MAX_IMAGES_PER_ROW}", code="too_many_images")
+        raise InputError(
+            f"{len(refs)} images in one row; at most {MAX_IMAGES_PER_ROW}", code="too_many_images"
+        )
     for ref in refs:
         if not isinstance(ref, str) or not ref.strip():
             raise InputError(f"image reference {ref!r} is not a non-empty string", code="image_ref_invalid")
@@ -163,7 +165,9 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
     if scheme in URI_SCHEMES:
         return ref
     if len(scheme) > 1:
-        raise InputError(f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code="image_ref_invalid")
+        raise InputError(
+            f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code="image_ref_invalid"
+        )
     path = Path(ref)
     return str(path if path.is_absolute() else Path(os.path.normpath(base_dir / path)))
 

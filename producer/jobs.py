@@ -90,7 +90,7 @@ def adopt_job(r: redis.Redis, job_id: str, output_dir: Path) -> dict[str, str]:
 
 
 def job_config(r: redis.Redis, job_id: str) -> dict[str, str] | None:
-    raw = r.hgetall(k.job_key(job_id))
+    raw: dict[bytes, bytes] = r.hgetall(k.job_key(job_id))  # type: ignore[assignment]
     if not raw:
         return None
     return {key.decode(): value.decode() for key, value in raw.items()}
@@ -122,7 +122,8 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
 
 
 def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
-    return [j.decode() for j in r.zrevrange(k.JOBS_INDEX, 0, limit - 1)]
+    ids: list[bytes] = r.zrevrange(k.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
+    return [j.decode() for j in ids]
 
 
 def finish_if_complete(r: redis.Redis, job_id: str) -> bool:

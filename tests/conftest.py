@@ -58,7 +58,9 @@ class Cluster:
     model: str
 
 
-def _worker(tmp_path_factory: pytest.TempPathFactory, name: str, db: int, media_root: Path, **env: str) -> WorkerProcess:
+def _worker(
+    tmp_path_factory: pytest.TempPathFactory, name: str, db: int, media_root: Path, **env: str
+) -> WorkerProcess:
     url = _flushed(f"{REDIS_BASE}/{db}")
     log = tmp_path_factory.mktemp(name) / "worker.log"
     base = {"IMAGEQA_REDIS_URL": url, "IMAGEQA_MEDIA_ROOTS": str(media_root), "IMAGEQA_CONCURRENCY": "32"}
@@ -67,7 +69,9 @@ def _worker(tmp_path_factory: pytest.TempPathFactory, name: str, db: int, media_
 
 @pytest.fixture(scope="session")
 def fake_worker(tmp_path_factory: pytest.TempPathFactory, media_root: Path) -> Iterator[Cluster]:
-    worker = _worker(tmp_path_factory, "fake-worker", FAKE_DB, media_root, IMAGEQA_ENGINE="fake", IMAGEQA_MODEL="fake")
+    worker = _worker(
+        tmp_path_factory, "fake-worker", FAKE_DB, media_root, IMAGEQA_ENGINE="fake", IMAGEQA_MODEL="fake"
+    )
     worker.start(60)
     yield Cluster(worker.env["IMAGEQA_REDIS_URL"], worker, "fake")
     worker.stop()
@@ -81,15 +85,24 @@ def fake_cluster(fake_worker: Cluster) -> Cluster:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    subprocess.run([sys.executable, str(ROOT / "ops" / "build_tiny_model.py"), "--out", str(TINY_MODEL)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "build_tiny_model.py"), "--out", str(TINY_MODEL)], check=True
+    )
     return TINY_MODEL
 
 
 @pytest.fixture(scope="session")
-def engine_worker(tmp_path_factory: pytest.TempPathFactory, media_root: Path, tiny_model: Path) -> Iterator[Cluster]:
+def engine_worker(
+    tmp_path_factory: pytest.TempPathFactory, media_root: Path, tiny_model: Path
+) -> Iterator[Cluster]:
     worker = _worker(
-        tmp_path_factory, "engine-worker", ENGINE_DB, media_root,
-        IMAGEQA_ENGINE="vllm", IMAGEQA_MODEL=str(tiny_model), IMAGEQA_MAX_MODEL_LEN="4096",
+        tmp_path_factory,
+        "engine-worker",
+        ENGINE_DB,
+        media_root,
+        IMAGEQA_ENGINE="vllm",
+        IMAGEQA_MODEL=str(tiny_model),
+        IMAGEQA_MAX_MODEL_LEN="4096",
     )
     worker.start(600)
     yield Cluster(worker.env["IMAGEQA_REDIS_URL"], worker, str(tiny_model))

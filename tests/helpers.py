@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from PIL import Image
 
-from producer.jobs import JobStatus, job_status
 from producer.broker import redis_client
+from producer.jobs import JobStatus, job_status
 from workers.collector import Collector
 from workers.settings import CollectorSettings
 
@@ -23,12 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "images"
 
 
-def make_images(folder: Path, count: int, prefix: str = "img", size: tuple[int, int] = (96, 64)) -> list[Path]:
+def make_images(
+    folder: Path, count: int, prefix: str = "img", size: tuple[int, int] = (96, 64)
+) -> list[Path]:
     """Distinct small images (a colour gradient per index), plus the real example photos mixed in."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        image = Image.new("RGB", (size[0] + i % 7, size[1]), ((37 * i) % 256, (91 * i) % 256, (53 * i + 40) % 256))
+        image = Image.new(
+            "RGB", (size[0] + i % 7, size[1]), ((37 * i) % 256, (91 * i) % 256, (53 * i + 40) % 256)
+        )
         for x in range(0, image.width, 8):
             image.putpixel((x, (i * 3) % image.height), (255, 255, 255))
         path = folder / f"{prefix}{i:03d}.jpg"
@@ -88,7 +92,11 @@ class WorkerProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.cli", "worker", "--loglevel", "INFO"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
             )
         self.wait_for(lambda text: " ready." in text, ready_timeout_s)
         return self

@@ -3,11 +3,18 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from producer.contract import GenerationParams, ResultRecord, TaskMessage, json_schemas, output_row
 from producer.errors import ContractError
 
-MESSAGE = {"job_id": "j1", "item_id": "i1", "row_index": 0, "images": ["/data/a.jpg"], "row": {"image": ["a.jpg"]}}
+MESSAGE = {
+    "job_id": "j1",
+    "item_id": "i1",
+    "row_index": 0,
+    "images": ["/data/a.jpg"],
+    "row": {"image": ["a.jpg"]},
+}
 
 
 def test_task_message_round_trips_through_json():
@@ -42,7 +49,7 @@ def test_task_message_rejects_missing_fields(missing):
 
 def test_task_message_is_frozen():
     message = TaskMessage.decode(MESSAGE)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         message.job_id = "other"  # type: ignore[misc]
 
 
@@ -57,11 +64,16 @@ def test_result_record_has_exactly_one_outcome():
 
 def test_output_row_keeps_the_row_and_adds_pairs_under_the_output_key():
     record = ResultRecord(
-        job_id="j", item_id="i", row_index=0, row={"image": ["a.jpg"], "id": 7},
+        job_id="j",
+        item_id="i",
+        row_index=0,
+        row={"image": ["a.jpg"], "id": 7},
         qa_pairs=[{"question": "What is it?", "answer": "A cat."}],
     )
     assert output_row(record, "qa_pairs") == {
-        "image": ["a.jpg"], "id": 7, "qa_pairs": [{"question": "What is it?", "answer": "A cat."}]
+        "image": ["a.jpg"],
+        "id": 7,
+        "qa_pairs": [{"question": "What is it?", "answer": "A cat."}],
     }
     assert "pairs" in output_row(record, "pairs")
 

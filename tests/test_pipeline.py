@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from producer.enqueue import enqueue_file
 from producer.jobs import job_status
 from producer.settings import ProducerSettings
 from tests.conftest import Cluster
-from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl, wait_done, write_jsonl
+from tests.helpers import CollectorThread, make_images, read_jsonl, wait_done, write_jsonl
 
 # Short strings keep the random-weight model's answers well inside max_tokens.
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40, max_tokens=1024)
@@ -51,7 +51,7 @@ def test_twenty_images_give_twenty_rows_of_pairs(cluster, media, tmp_path):
     images = make_images(media, 20)
     rows = [{"image": [p.name], "id": i} for i, p in enumerate(images)]
     source = write_jsonl(media / "in.jsonl", rows)
-    summary, status = run_job(cluster, source, tmp_path / "out.jsonl")
+    _, status = run_job(cluster, source, tmp_path / "out.jsonl")
 
     out = read_jsonl(tmp_path / "out.jsonl")
     errors = read_jsonl(tmp_path / "out.errors.jsonl")
@@ -65,8 +65,11 @@ def test_twenty_images_give_twenty_rows_of_pairs(cluster, media, tmp_path):
 
 def test_rows_sharing_an_image_but_differing_elsewhere_are_two_rows(cluster, media, tmp_path):
     (image,) = make_images(media, 1)
-    rows = [{"image": [image.name], "split": "train"}, {"image": [image.name], "split": "test"},
-            {"image": [image.name], "split": "test"}]  # the verbatim repeat is its own row too
+    rows = [
+        {"image": [image.name], "split": "train"},
+        {"image": [image.name], "split": "test"},
+        {"image": [image.name], "split": "test"},
+    ]  # the verbatim repeat is its own row too
     source = write_jsonl(media / "in.jsonl", rows)
     _, status = run_job(cluster, source, tmp_path / "out.jsonl")
     out = read_jsonl(tmp_path / "out.jsonl")
@@ -89,8 +92,14 @@ def test_enqueueing_the_same_input_again_processes_nothing_new(cluster, media, t
 
 def test_a_missing_image_is_an_error_row_and_the_rest_complete(cluster, media, tmp_path):
     images = make_images(media, 3)
-    rows = [{"image": images[0].name}, {"image": "nope.jpg"}, b"{broken", {"image": images[1].name},
-            {"caption": "no image"}, {"image": images[2].name}]
+    rows = [
+        {"image": images[0].name},
+        {"image": "nope.jpg"},
+        b"{broken",
+        {"image": images[1].name},
+        {"caption": "no image"},
+        {"image": images[2].name},
+    ]
     source = write_jsonl(media / "in.jsonl", rows)
     _, status = run_job(cluster, source, tmp_path / "out.jsonl")
     out = read_jsonl(tmp_path / "out.jsonl")
@@ -106,14 +115,29 @@ def test_cli_enqueue_and_status_against_the_cluster(cluster, media, tmp_path):
     env = {"IMAGEQA_REDIS_URL": cluster.redis_url, "PATH": str(Path(sys.executable).parent)}
     with CollectorThread(cluster.redis_url):
         done = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "enqueue", str(source), "-o", str(tmp_path / "o.jsonl"),
-             "--pairs", "3-5"],
-            env=env, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "enqueue",
+                str(source),
+                "-o",
+                str(tmp_path / "o.jsonl"),
+                "--pairs",
+                "3-5",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         job_id = done.stdout.strip()
         wait_done(cluster.redis_url, job_id, timeout_s=300)
     status = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "status", job_id, "--json"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "workers.cli", "status", job_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
         check=True,
     )
     report = json.loads(status.stdout)
@@ -123,10 +147,14 @@ def test_cli_enqueue_and_status_against_the_cluster(cluster, media, tmp_path):
 
 def test_status_of_unknown_job_and_unreachable_redis_are_clear_errors(redis_url):
     env = {"IMAGEQA_REDIS_URL": redis_url}
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "status", "nope"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "status", "nope"], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 2 and "no job" in out.stderr
     env = {"IMAGEQA_REDIS_URL": "redis://127.0.0.1:1/0"}
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "status", "x"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "status", "x"], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 2 and "does not answer" in out.stderr
     assert job_status(redis_client(redis_url), "nope") is None
 
@@ -137,9 +165,14 @@ def test_a_plain_celery_client_can_enqueue_without_this_project(cluster, media, 
     (image,) = make_images(media, 1)
     client = Celery("other-app", broker=cluster.redis_url)
     client.conf.update(task_serializer="json", accept_content=["json"])
-    kwargs = {"job_id": "other-app-job", "item_id": "item-1", "row_index": 0, "images": [str(image)],
-              "row": {"image": [str(image)], "source": "other-app"},
-              "params": {"max_question_chars": 40, "max_answer_chars": 40}}
+    kwargs = {
+        "job_id": "other-app-job",
+        "item_id": "item-1",
+        "row_index": 0,
+        "images": [str(image)],
+        "row": {"image": [str(image)], "source": "other-app"},
+        "params": {"max_question_chars": 40, "max_answer_chars": 40},
+    }
     client.send_task("imageqa.generate", kwargs=kwargs, queue="imageqa.generate")
     with CollectorThread(cluster.redis_url, output_dir=tmp_path / "adopted") as collector:
         deadline = time.monotonic() + 300

@@ -15,8 +15,13 @@ def answer(*pairs):
 
 
 def test_valid_pairs_are_kept_with_whitespace_normalised():
-    check = parse_and_check(answer(("What  colour is the car? ", " Red\n"), ("How many dogs?", "Two")), PARAMS)
-    assert [(p.question, p.answer) for p in check.pairs] == [("What colour is the car?", "Red"), ("How many dogs?", "Two")]
+    check = parse_and_check(
+        answer(("What  colour is the car? ", " Red\n"), ("How many dogs?", "Two")), PARAMS
+    )
+    assert [(p.question, p.answer) for p in check.pairs] == [
+        ("What colour is the car?", "Red"),
+        ("How many dogs?", "Two"),
+    ]
     assert check.rejected == []
 
 
@@ -32,7 +37,10 @@ def test_empty_duplicate_and_overlong_pairs_are_rejected_with_reasons():
     check = parse_and_check(text, PARAMS)
     assert [p.question for p in check.pairs] == ["What is shown?", "Who is there?"]
     assert sorted(reason for reason, _ in check.rejected) == [
-        "answer_empty", "question_duplicate", "question_empty", "question_too_long",
+        "answer_empty",
+        "question_duplicate",
+        "question_empty",
+        "question_too_long",
     ]
 
 

@@ -22,7 +22,11 @@ def imageqa_run(args: list[str], tmp_path: Path, **env: str) -> subprocess.Compl
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEQA_")}
     clean.update({"IMAGEQA_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "120", **env})
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "run", *args], env=clean, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "workers.cli", "run", *args],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -50,7 +54,9 @@ def test_run_on_an_embedded_redis_writes_every_row_and_reports_failures(tmp_path
 
 
 def test_run_fails_clearly_when_the_input_is_missing(tmp_path):
-    done = imageqa_run([str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--engine", "fake"], tmp_path)
+    done = imageqa_run(
+        [str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--engine", "fake"], tmp_path
+    )
     assert done.returncode == 2
     assert "input not found" in done.stderr
 
@@ -60,8 +66,12 @@ def test_cluster_and_run_produce_the_same_rows(fake_cluster, media, tmp_path):
     source = write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
     params = GenerationParams(max_question_chars=40, max_answer_chars=40)
     with CollectorThread(fake_cluster.redis_url):
-        summary = enqueue_file(source, tmp_path / "cluster.jsonl", settings=ProducerSettings(
-            redis_url=fake_cluster.redis_url), params=params)
+        summary = enqueue_file(
+            source,
+            tmp_path / "cluster.jsonl",
+            settings=ProducerSettings(redis_url=fake_cluster.redis_url),
+            params=params,
+        )
         wait_done(fake_cluster.redis_url, summary.job_id)
     done = imageqa_run([str(source), "-o", str(tmp_path / "run.jsonl"), "--engine", "fake", *SHORT], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -73,8 +83,11 @@ def test_cluster_and_run_produce_the_same_rows(fake_cluster, media, tmp_path):
 @pytest.mark.engine
 def test_run_with_the_real_engine_on_the_example_photos(tiny_model, tmp_path):
     out = tmp_path / "demo.jsonl"
-    done = imageqa_run([str(EXAMPLES), "-o", str(out), "--model", str(tiny_model), *SHORT], tmp_path,
-                       IMAGEQA_MAX_MODEL_LEN="4096")
+    done = imageqa_run(
+        [str(EXAMPLES), "-o", str(out), "--model", str(tiny_model), *SHORT],
+        tmp_path,
+        IMAGEQA_MAX_MODEL_LEN="4096",
+    )
     assert done.returncode == 0, done.stderr
     rows = read_jsonl(out)
     assert sorted(r["image"][0] for r in rows) == ["china.jpg", "flower.jpg", "grace_hopper.jpg"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,9 +15,9 @@ from producer.cli import (
     AnswerCharsOption,
     MaxTokensOption,
     ModelOption,
+    PairsOption,
     QuestionCharsOption,
     TemperatureOption,
-    PairsOption,
     app,
     console,
     fail,
@@ -28,18 +27,22 @@ from producer.cli import (
 )
 from producer.errors import ImageQAError
 
-EngineOption = Annotated[Optional[str], typer.Option("--engine", help="vllm (default) or fake.")]  # noqa: UP007
+EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (default) or fake.")]
 
 
 @app.command()
 def worker(
     model: ModelOption = None,
     engine: EngineOption = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Tasks in flight (default 64).")] = None,  # noqa: UP007
+    concurrency: Annotated[int | None, typer.Option(help="Tasks in flight (default 64).")] = None,
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*."""
-    for name, value in (("IMAGEQA_MODEL", model), ("IMAGEQA_ENGINE", engine), ("IMAGEQA_CONCURRENCY", concurrency)):
+    for name, value in (
+        ("IMAGEQA_MODEL", model),
+        ("IMAGEQA_ENGINE", engine),
+        ("IMAGEQA_CONCURRENCY", concurrency),
+    ):
         if value is not None:
             os.environ[name] = str(value)
     setup_logging(loglevel)
@@ -47,8 +50,19 @@ def worker(
     from workers.app import app as celery
 
     celery.worker_main(
-        ["worker", "--pool", "threads", "--concurrency", str(celery.conf.worker_concurrency),
-         "--queues", QUEUE_GENERATE, "--loglevel", loglevel, "--hostname", f"imageqa-{os.getpid()}@%h"]
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(celery.conf.worker_concurrency),
+            "--queues",
+            QUEUE_GENERATE,
+            "--loglevel",
+            loglevel,
+            "--hostname",
+            f"imageqa-{os.getpid()}@%h",
+        ]
     )
 
 
@@ -61,10 +75,8 @@ def collect(loglevel: str = "INFO") -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run_collector(CollectorSettings(), stop)
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -74,8 +86,8 @@ def run(
     model: ModelOption = None,
     pairs: PairsOption = "3-5",
     engine: EngineOption = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Tasks in flight.")] = None,  # noqa: UP007
-    input_format: Annotated[Optional[str], typer.Option("--format")] = None,  # noqa: UP007
+    concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
+    input_format: Annotated[str | None, typer.Option("--format")] = None,
     max_tokens: MaxTokensOption = 1024,
     max_question_chars: QuestionCharsOption = 300,
     max_answer_chars: AnswerCharsOption = 500,
@@ -89,7 +101,10 @@ def run(
     try:
         with LocalCluster(
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
-            model=model, engine=engine, concurrency=concurrency, log=console,
+            model=model,
+            engine=engine,
+            concurrency=concurrency,
+            log=console,
         ) as cluster:
             summary = cluster.enqueue(input_path, output, params, input_format=input_format)
             st = wait_for_job(cluster.redis, summary.job_id, console, alive=cluster.worker_alive)

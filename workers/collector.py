@@ -12,9 +12,9 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -65,7 +65,7 @@ class Collector:
             pass
 
     def step(self, start_id: str = ">", block_ms: int | None = None) -> int:
-        response = self.r.xreadgroup(
+        response: Any = self.r.xreadgroup(
             k.COLLECTOR_GROUP,
             self.settings.consumer,
             {k.RESULTS_STREAM: start_id},
@@ -100,7 +100,7 @@ class Collector:
     def _write(self, job_id: str, batch: _JobBatch, pipe: redis.client.Pipeline) -> None:
         item_ids = list(batch.records)
         done = self.r.smismember(k.job_done_key(job_id), item_ids)
-        fresh = [batch.records[i] for i, d in zip(item_ids, done) if not d]
+        fresh = [batch.records[i] for i, d in zip(item_ids, done, strict=True) if not d]
         if not fresh:
             return
         output_key = batch.config.get("output_key", "qa_pairs")

@@ -55,7 +55,8 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
     params = message.params
     if params.model and params.model != settings.model:
         raise ImageQAError(
-            f"task asks for model {params.model!r}; this worker serves {settings.model!r}", code="model_mismatch"
+            f"task asks for model {params.model!r}; this worker serves {settings.model!r}",
+            code="model_mismatch",
         )
     images = [load_image(ref, settings) for ref in message.images]
     request = EngineRequest(
@@ -64,10 +65,14 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
         prompt=build_prompt(params, len(images)),
         system_prompt=SYSTEM_PROMPT,
         json_schema=qa_schema(params),
-        sampling=SamplingSettings(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens),
+        sampling=SamplingSettings(
+            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens
+        ),
     )
     try:
-        text = runtime.run(runtime.engine.generate(request), timeout_s=max(1, settings.task_time_limit_s - 30))
+        text = runtime.run(
+            runtime.engine.generate(request), timeout_s=max(1, settings.task_time_limit_s - 30)
+        )
     except TimeoutError as e:
         raise GenerationError(str(e), code="engine_timeout") from e
     except ImageQAError:

@@ -46,7 +46,7 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
             width, height = probe.size
             if width * height > settings.max_image_pixels:
                 raise ImageError(
-                    f"{_short(ref)} is {width}x{height}, over the limit of {settings.max_image_pixels} pixels",
+                    f"{_short(ref)} is {width}x{height}, over {settings.max_image_pixels} pixels",
                     code="image_too_large",
                 )
             probe.verify()
@@ -59,8 +59,8 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
             raise ImageError(f"{_short(ref)} is a decompression bomb: {e}", code="image_too_large") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"{_short(ref)} is not a readable image: {e}", code="image_unreadable") from e
-    image = ImageOps.exif_transpose(image) or image
-    return cap_pixels(to_rgb(image), settings.max_pixels)
+    upright: Image.Image = ImageOps.exif_transpose(image) or image
+    return cap_pixels(to_rgb(upright), settings.max_pixels)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -97,7 +97,9 @@ def _read_file(path: Path, settings: ImageSettings) -> bytes:
     try:
         size = real.stat().st_size
         if size > settings.max_image_bytes:
-            raise ImageError(f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large")
+            raise ImageError(
+                f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large"
+            )
         return real.read_bytes()
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {path}", code="image_not_found") from e

@@ -7,6 +7,7 @@ folder, so rerunning the same job resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -104,10 +105,8 @@ class LocalCluster:
         if self._embedded is not None:
             import redis
 
-            try:
+            with contextlib.suppress(redis.ConnectionError):  # the server hangs up as it exits
                 self._embedded.shutdown(save=True)
-            except redis.ConnectionError:
-                pass  # the server closes the connection as it exits
             self._embedded = None
 
     def _redis(self) -> str:
@@ -142,17 +141,25 @@ class LocalCluster:
     def _start_worker(self) -> None:
         env = dict(os.environ)
         env["IMAGEQA_REDIS_URL"] = self.redis_url
-        roots = [str(self.media_root)] + [p for p in env.get("IMAGEQA_MEDIA_ROOTS", "").split(os.pathsep) if p]
+        roots = [str(self.media_root)] + [
+            p for p in env.get("IMAGEQA_MEDIA_ROOTS", "").split(os.pathsep) if p
+        ]
         env["IMAGEQA_MEDIA_ROOTS"] = os.pathsep.join(roots)
-        for name, value in (("IMAGEQA_MODEL", self.model), ("IMAGEQA_ENGINE", self.engine),
-                            ("IMAGEQA_CONCURRENCY", self.concurrency)):
+        for name, value in (
+            ("IMAGEQA_MODEL", self.model),
+            ("IMAGEQA_ENGINE", self.engine),
+            ("IMAGEQA_CONCURRENCY", self.concurrency),
+        ):
             if value is not None:
                 env[name] = str(value)
         self.worker_log.parent.mkdir(parents=True, exist_ok=True)
         with self.worker_log.open("wb") as log_file:
             self._worker = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "worker"], env=env, stdout=log_file,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "workers.cli", "worker"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         self.console.print(f"worker started (pid {self._worker.pid}); log: {self.worker_log}")
 

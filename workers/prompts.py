@@ -24,7 +24,11 @@ def build_prompt(params: GenerationParams, n_images: int) -> str:
         template = _TEMPLATES[params.prompt_version]
     except KeyError as e:
         raise ValueError(f"unknown prompt version {params.prompt_version!r}") from e
-    count = str(params.min_pairs) if params.min_pairs == params.max_pairs else f"{params.min_pairs} to {params.max_pairs}"
+    count = (
+        str(params.min_pairs)
+        if params.min_pairs == params.max_pairs
+        else f"{params.min_pairs} to {params.max_pairs}"
+    )
     return template.format(count=count, plural="s" if n_images > 1 else "")
 
 

@@ -23,7 +23,9 @@ class EngineRuntime:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="imageqa-engine-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="imageqa-engine-loop", daemon=True
+        )
         self._started = False
 
     def start(self, timeout_s: float | None = None) -> None:

@@ -41,8 +41,9 @@ class WorkerSettings(ImageSettings):
     model: str = DEFAULT_MODEL
     """A local checkpoint folder or a model hub id."""
     engine: Literal["vllm", "fake"] = "vllm"
-    concurrency: int = 64
-    """Tasks in flight per worker process; the engine batches them continuously."""
+    concurrency: int = 128
+    """Tasks in flight per worker process. Twice max_num_seqs keeps requests waiting in the engine, so a
+    finished sequence's slot is refilled at once instead of after a round trip to the broker."""
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1

@@ -52,7 +52,8 @@ class FakeEngine(Engine):
 
 
 def _dominant(request: EngineRequest) -> str:
-    r, g, b = request.images[0].resize((1, 1)).getpixel((0, 0))[:3]
+    pixel: tuple[int, ...] = request.images[0].convert("RGB").resize((1, 1)).getpixel((0, 0))  # type: ignore[assignment]
+    r, g, b = pixel[:3]
     return max((r, "red"), (g, "green"), (b, "blue"))[1]
 
 
