@@ -45,8 +45,11 @@ def prepare_images(folder: Path, n: int) -> list[Path]:
     return images
 
 
-def offline_run(args: argparse.Namespace, images: list[Path], params: GenerationParams) -> float:
-    """Runs offline LLM.chat in a subprocess (its own engine) and returns images/s."""
+def offline_run(
+    args: argparse.Namespace, images: list[Path], params: GenerationParams, mode: str = "--offline-child"
+) -> float:
+    """Runs offline LLM.chat (or, with ``--async-child``, AsyncLLM fed from threads without Celery) in a
+    subprocess with its own engine and returns images/s."""
     spec = {
         "model": args.model,
         "max_model_len": args.max_model_len,
@@ -56,15 +59,61 @@ def offline_run(args: argparse.Namespace, images: list[Path], params: Generation
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    done = subprocess.run(
-        [sys.executable, __file__, "--offline-child", f.name], capture_output=True, text=True, cwd=ROOT
-    )
+    done = subprocess.run([sys.executable, __file__, mode, f.name], capture_output=True, text=True, cwd=ROOT)
     os.unlink(f.name)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[7:])
             return result["n"] / result["elapsed_s"]
     raise SystemExit(f"offline run failed:\n{done.stderr[-4000:]}")
+
+
+def async_child(spec_path: str, threads: int = 128) -> None:
+    """The control: the worker's engine runtime (AsyncLLM on a background loop) fed from a thread pool
+    directly, without Celery, Redis or the collector, so the bench can tell which side a gap is on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.engines import vllm_config
+    from workers.engines.base import EngineRequest, SamplingSettings
+    from workers.engines.vllm import VLLMEngine
+    from workers.images import load_image
+    from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
+    from workers.runtime import EngineRuntime
+    from workers.settings import ImageSettings, WorkerSettings
+
+    spec = json.loads(Path(spec_path).read_text())
+    params = GenerationParams.model_validate(spec["params"])
+    config = vllm_config(
+        WorkerSettings(
+            model=spec["model"], max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"]
+        )
+    )
+    sampling = SamplingSettings(
+        temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens
+    )
+    image_settings = ImageSettings(media_roots=[Path("/")])
+    runtime = EngineRuntime(VLLMEngine(config))
+    runtime.start()
+
+    def one(item: tuple[int, str]) -> str:
+        request = EngineRequest(
+            request_id=f"{item[0]}-{time.monotonic_ns()}",
+            images=[load_image(item[1], image_settings)],
+            prompt=build_prompt(params, 1),
+            system_prompt=SYSTEM_PROMPT,
+            json_schema=qa_schema(params),
+            sampling=sampling,
+        )
+        return runtime.run(runtime.engine.generate(request))
+
+    items = list(enumerate(spec["images"]))
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, items[:8]))  # warm-up, as for the worker
+        started = time.perf_counter()
+        outputs = list(pool.map(one, items))
+        elapsed = time.perf_counter() - started
+    runtime.stop()
+    print("RESULT", json.dumps({"n": len(outputs), "elapsed_s": elapsed}))
 
 
 def offline_child(spec_path: str) -> None:
@@ -135,6 +184,8 @@ def main() -> None:
     )
     parser.add_argument("--model")
     parser.add_argument("--offline-child", help=argparse.SUPPRESS)
+    parser.add_argument("--async-child", help=argparse.SUPPRESS)
+    parser.add_argument("--no-control", action="store_true", help="skip the AsyncLLM-without-Celery control")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -147,6 +198,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.offline_child:
         offline_child(args.offline_child)
+        return
+    if args.async_child:
+        async_child(args.async_child)
         return
     if not args.model:
         parser.error("--model is required")
@@ -171,26 +225,47 @@ def main() -> None:
             "IMAGEQA_MAX_NUM_SEQS": str(args.max_num_seqs),
             "IMAGEQA_MAX_MODEL_LEN": str(args.max_model_len),
         }
-        offline, worker = [], []
+        offline: list[float] = []
+        worker: list[float] = []
+        control: list[float] = []
+        paths = ["offline", "worker"] + ([] if args.no_control else ["asyncllm"])
         for round_no in range(args.rounds):
-            # Alternate which path goes first, so drift in the machine's speed hits both.
-            order = ("offline", "worker") if round_no % 2 == 0 else ("worker", "offline")
-            for path in order:
+            # Rotate which path goes first, so drift in the machine's speed hits each of them.
+            shift = round_no % len(paths)
+            for path in paths[shift:] + paths[:shift]:
                 if path == "offline":
                     offline.append(offline_run(args, images, params))
-                    print(f"round {round_no + 1}: offline LLM.chat {offline[-1]:.1f} images/s", flush=True)
-                else:
+                    figure = offline[-1]
+                elif path == "worker":
                     worker.append(_worker_round(args, env, folder, images, params, round_no))
-                    print(f"round {round_no + 1}: worker path     {worker[-1]:.1f} images/s", flush=True)
+                    figure = worker[-1]
+                else:
+                    control.append(offline_run(args, images, params, mode="--async-child"))
+                    figure = control[-1]
+                print(f"round {round_no + 1}: {LABELS[path]:<40} {figure:6.1f} images/s", flush=True)
     ratios = [w / o for w, o in zip(worker, offline, strict=True)]
     print()
-    print("| N | offline LLM.chat images/s | worker path images/s | worker/offline |")
-    print("|---|---|---|---|")
-    for o, w, q in zip(offline, worker, ratios, strict=True):
-        print(f"| {args.n} | {o:.1f} | {w:.1f} | {q:.2f} |")
+    print(f"{args.n} images per path and round; engine start excluded; greedy decoding (temperature 0).")
+    print()
+    header = "| round | offline LLM.chat | worker path | worker/offline |"
+    print(header + (" AsyncLLM, no Celery | AsyncLLM/offline |" if control else ""))
+    print("|---" * (4 + (2 if control else 0)) + "|")
+    for i, (o, w, q) in enumerate(zip(offline, worker, ratios, strict=True)):
+        extra = f" {control[i]:.1f} | {control[i] / o:.2f} |" if control else ""
+        print(f"| {i + 1} | {o:.1f} | {w:.1f} | {q:.2f} |" + extra)
     print(f"BENCH engine_offline_images_per_s={statistics.median(offline):.1f}")
     print(f"BENCH worker_images_per_s={statistics.median(worker):.1f}")
+    if control:
+        control_ratio = statistics.median([c / o for c, o in zip(control, offline, strict=True)])
+        print(f"BENCH asyncllm_over_offline={control_ratio:.2f}")
     print(f"BENCH worker_over_offline={statistics.median(ratios):.2f} target=0.9")
+
+
+LABELS = {
+    "offline": "offline LLM.chat",
+    "worker": "worker path (enqueue -> collected)",
+    "asyncllm": "AsyncLLM from threads, no Celery",
+}
 
 
 def _worker_round(args, env, folder, images, params, round_no) -> float:  # type: ignore[no-untyped-def]

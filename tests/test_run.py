@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.contract import GenerationParams
-from producer.enqueue import enqueue_file
-from producer.settings import ProducerSettings
-from tests.helpers import EXAMPLES, CollectorThread, make_images, read_jsonl, wait_done, write_jsonl
+from tests.helpers import EXAMPLES, make_images, read_jsonl, wait_done, write_jsonl
 
 SHORT = ["--max-question-chars", "40", "--max-answer-chars", "40"]
 
@@ -61,23 +58,49 @@ def test_run_fails_clearly_when_the_input_is_missing(tmp_path):
     assert "input not found" in done.stderr
 
 
-def test_cluster_and_run_produce_the_same_rows(fake_cluster, media, tmp_path):
+def test_separate_processes_and_run_produce_the_same_rows(fake_cluster, media, tmp_path):
+    # Given one input, processed once by `imageqa enqueue` + a worker + `imageqa collect` (three
+    # processes) and once by `imageqa run`
     images = make_images(media, 6)
-    source = write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
-    params = GenerationParams(max_question_chars=40, max_answer_chars=40)
-    with CollectorThread(fake_cluster.redis_url):
-        summary = enqueue_file(
-            source,
-            tmp_path / "cluster.jsonl",
-            settings=ProducerSettings(redis_url=fake_cluster.redis_url),
-            params=params,
+    rows = [{"image": p.name, "n": i} for i, p in enumerate(images)] + [{"image": "missing.jpg"}]
+    source = write_jsonl(media / "in.jsonl", rows)
+    env = {**os.environ, "IMAGEQA_REDIS_URL": fake_cluster.redis_url}
+    collector = subprocess.Popen([sys.executable, "-m", "workers.cli", "collect"], env=env)
+    try:
+        enqueue = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "enqueue",
+                str(source),
+                "-o",
+                str(tmp_path / "cluster.jsonl"),
+                *SHORT,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
-        wait_done(fake_cluster.redis_url, summary.job_id)
+        wait_done(fake_cluster.redis_url, enqueue.stdout.strip())
+    finally:
+        collector.terminate()
+        assert collector.wait(30) == 0
     done = imageqa_run([str(source), "-o", str(tmp_path / "run.jsonl"), "--engine", "fake", *SHORT], tmp_path)
     assert done.returncode == 0, done.stderr
+
+    # Then both wrote the same output rows and the same error rows
     cluster_rows, run_rows = read_jsonl(tmp_path / "cluster.jsonl"), read_jsonl(tmp_path / "run.jsonl")
     assert len(cluster_rows) == 6
     assert canonical(cluster_rows) == canonical(run_rows)
+    cluster_errors = read_jsonl(tmp_path / "cluster.errors.jsonl")
+    run_errors = read_jsonl(tmp_path / "run.errors.jsonl")
+    assert (
+        [e["error"]["code"] for e in cluster_errors]
+        == [e["error"]["code"] for e in run_errors]
+        == ["image_not_found"]
+    )
 
 
 @pytest.mark.engine
