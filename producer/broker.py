@@ -42,13 +42,16 @@ def redact(url: str) -> str:
     return url
 
 
-def celery_config(redis_url: str, visibility_timeout_s: int) -> dict[str, Any]:
+def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s: int = 10) -> dict[str, Any]:
     """Celery settings both sides must agree on: JSON only, late acks, one prefetch, redelivery."""
     return {
         "broker_url": redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": visibility_timeout_s,
+            # Sweep for messages whose worker died (unacked past the visibility timeout) this often.
+            "unacked_restore_interval": restore_interval_s,
+            "unacked_restore_throttle": 1,
             "socket_keepalive": True,
         },
         "task_serializer": "json",
@@ -67,7 +70,9 @@ def celery_config(redis_url: str, visibility_timeout_s: int) -> dict[str, Any]:
     }
 
 
-def celery_app(redis_url: str, visibility_timeout_s: int, name: str = "imageqa") -> Celery:
+def celery_app(
+    redis_url: str, visibility_timeout_s: int, name: str = "imageqa", restore_interval_s: int = 10
+) -> Celery:
     app = Celery(name)
-    app.conf.update(celery_config(redis_url, visibility_timeout_s))
+    app.conf.update(celery_config(redis_url, visibility_timeout_s, restore_interval_s))
     return app

@@ -38,6 +38,11 @@ def job_attempts_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:attempts"
 
 
+def job_writing_key(job_id: str) -> str:
+    """Hash: the collector's write marker (file sizes before a write) while a batch is in progress."""
+    return f"{PREFIX}:job:{job_id}:writing"
+
+
 def job_events_channel(job_id: str) -> str:
     """Pub/sub channel on which the job announces that it is done."""
     return f"{PREFIX}:job:{job_id}:events"

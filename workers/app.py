@@ -20,7 +20,12 @@ from workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 settings = WorkerSettings()
-app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-worker")
+app = celery_app(
+    settings.redis_url,
+    settings.visibility_timeout_s,
+    name="imageqa-worker",
+    restore_interval_s=settings.restore_interval_s,
+)
 app.conf.update(
     include=["workers.tasks"],
     worker_pool="threads",

@@ -1,9 +1,16 @@
 """The results collector: stream entries in, JSONL lines out, each item exactly once.
 
-Reads the results stream with a consumer group, drops item ids the job has already written, appends
-output and error lines, fsyncs once per batch, and only then records the items as done and acks the
-entries. A collector that dies before the ack gets the same entries again on restart (same consumer
-name), and the done set keeps them from being written twice.
+Reads the results stream with a consumer group and, per batch:
+
+1. drops item ids the job has already written (the job's done set);
+2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
+3. appends the lines and fsyncs;
+4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, acks.
+
+A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
+the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
+entries again. So every result lands exactly once, and no half-written line survives.
+One collector per set of output files: two collectors must not write the same job.
 """
 
 from __future__ import annotations
@@ -29,11 +36,15 @@ from workers.settings import CollectorSettings
 
 log = logging.getLogger(__name__)
 
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
 
 @dataclass
 class _JobBatch:
     config: dict[str, str]
     records: dict[str, ResultRecord] = field(default_factory=dict)
+    ok: list[bytes] = field(default_factory=list)
+    failed: list[ResultRecord] = field(default_factory=list)
 
 
 class Collector:
@@ -43,6 +54,34 @@ class Collector:
         self.rows_written = 0
         self.rows_failed = 0
         self._configs: dict[str, dict[str, str]] = {}
+        self._last_claim = 0.0
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
+        stop = stop or threading.Event()
+        backoff_s = 0.1
+        while not stop.is_set():
+            try:
+                self.start()
+                while not stop.is_set():
+                    self.step(block_ms=self.settings.block_ms)
+                    self.maybe_claim()
+                    backoff_s = 0.1
+            except RETRYABLE as e:
+                log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
+                stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("results stream or group vanished (Redis lost its data?); recreating it")
+
+    def start(self) -> None:
+        """Creates the group, undoes interrupted writes, then handles this consumer's pending entries."""
+        self.ensure_group()
+        self.recover()
+        while self.step(start_id="0") > 0:
+            pass
 
     def ensure_group(self) -> None:
         try:
@@ -51,18 +90,41 @@ class Collector:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        """Collects until ``stop`` is set (or forever)."""
-        stop = stop or threading.Event()
-        self.ensure_group()
-        self.drain_pending()
-        while not stop.is_set():
-            self.step(block_ms=self.settings.block_ms)
+    def recover(self) -> None:
+        """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers."""
+        now = time.time()
+        for key in self.r.scan_iter(match=k.job_writing_key("*"), count=1000):
+            marker = {a.decode(): b.decode() for a, b in self.r.hgetall(key).items()}  # type: ignore[union-attr]
+            if not marker:
+                continue
+            stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
+            if marker.get("consumer") != self.settings.consumer and not stale:
+                continue
+            for name in ("output_path", "errors_path"):
+                path = marker.get(name)
+                size = int(marker.get(name.replace("path", "size"), -1))
+                if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
+                    log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
+                    os.truncate(path, size)
+            self.r.delete(key)
 
-    def drain_pending(self) -> None:
-        """Handles the entries this consumer read but did not ack before it last stopped."""
-        while self.step(start_id="0") > 0:
-            pass
+    def maybe_claim(self) -> None:
+        """Takes over entries that another, dead collector read but never acked."""
+        if time.monotonic() - self._last_claim < self.settings.claim_idle_s / 4:
+            return
+        self._last_claim = time.monotonic()
+        response: Any = self.r.xautoclaim(
+            k.RESULTS_STREAM,
+            k.COLLECTOR_GROUP,
+            self.settings.consumer,
+            min_idle_time=int(self.settings.claim_idle_s * 1000),
+            count=self.settings.batch_size,
+        )
+        claimed = [entry for entry in response[1] if entry[1]] if response else []
+        if claimed:
+            log.warning("claimed %d entries from a dead collector", len(claimed))
+            self.recover()
+            self.handle(claimed)
 
     def step(self, start_id: str = ">", block_ms: int | None = None) -> int:
         response: Any = self.r.xreadgroup(
@@ -79,44 +141,76 @@ class Collector:
 
     def handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         batches: dict[str, _JobBatch] = {}
-        entry_ids = [entry_id for entry_id, _ in entries]
         for entry_id, fields in entries:
             try:
                 record = ResultRecord.decode(fields[FIELD])
             except (ContractError, KeyError) as e:
                 log.error("dropping stream entry %s: %s", entry_id.decode(), e)
                 continue
-            config = self._config(record.job_id)
-            batches.setdefault(record.job_id, _JobBatch(config)).records.setdefault(record.item_id, record)
-        pipe = self.r.pipeline()
-        for job_id, batch in batches.items():
-            self._write(job_id, batch, pipe)
-        pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
+            batch = batches.setdefault(record.job_id, _JobBatch(self._config(record.job_id)))
+            batch.records.setdefault(record.item_id, record)
+        self._select_fresh(batches)
+        writing = {job_id: b for job_id, b in batches.items() if b.ok or b.failed}
+        self._mark(writing)
+        for batch in writing.values():
+            _append(Path(batch.config["output_path"]), batch.ok)
+            _append(Path(batch.config["errors_path"]), [orjson.dumps(error_row(rec)) for rec in batch.failed])
+        pipe = self.r.pipeline(transaction=True)
+        for job_id, batch in writing.items():
+            self._commit(job_id, batch, pipe)
+        pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *[entry_id for entry_id, _ in entries])
         pipe.execute()
+        for batch in writing.values():
+            self.rows_written += len(batch.ok)
+            self.rows_failed += len(batch.failed)
         for job_id in batches:
             if jobs.finish_if_complete(self.r, job_id):
                 self._configs.pop(job_id, None)
 
-    def _write(self, job_id: str, batch: _JobBatch, pipe: redis.client.Pipeline) -> None:
-        item_ids = list(batch.records)
-        done = self.r.smismember(k.job_done_key(job_id), item_ids)
-        fresh = [batch.records[i] for i, d in zip(item_ids, done, strict=True) if not d]
-        if not fresh:
+    def _select_fresh(self, batches: dict[str, _JobBatch]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, batch in batches.items():
+            pipe.smismember(k.job_done_key(job_id), list(batch.records))
+        for batch, done in zip(batches.values(), pipe.execute(), strict=True):
+            output_key = batch.config.get("output_key", "qa_pairs")
+            for record, is_done in zip(batch.records.values(), done, strict=True):
+                if is_done:
+                    continue
+                if record.ok:
+                    batch.ok.append(orjson.dumps(output_row(record, output_key)))
+                else:
+                    batch.failed.append(record)
+            batch.records = {
+                rid: rec for (rid, rec), d in zip(batch.records.items(), done, strict=True) if not d
+            }
+
+    def _mark(self, writing: dict[str, _JobBatch]) -> None:
+        if not writing:
             return
-        output_key = batch.config.get("output_key", "qa_pairs")
-        ok = [orjson.dumps(output_row(rec, output_key)) for rec in fresh if rec.ok]
-        failed = [rec for rec in fresh if not rec.ok]
-        _append(Path(batch.config["output_path"]), ok)
-        _append(Path(batch.config["errors_path"]), [orjson.dumps(error_row(rec)) for rec in failed])
-        pipe.sadd(k.job_done_key(job_id), *[rec.item_id for rec in fresh])
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, batch in writing.items():
+            pipe.hset(
+                k.job_writing_key(job_id),
+                mapping={
+                    "consumer": self.settings.consumer,
+                    "t": time.time(),
+                    "output_path": batch.config["output_path"],
+                    "errors_path": batch.config["errors_path"],
+                    "output_size": _size(batch.config["output_path"]),
+                    "errors_size": _size(batch.config["errors_path"]),
+                },
+            )
+        pipe.execute()
+
+    def _commit(self, job_id: str, batch: _JobBatch, pipe: redis.client.Pipeline) -> None:
+        pipe.sadd(k.job_done_key(job_id), *batch.records)
         if "input_path" not in batch.config:  # an adopted job: its items are known only from results
-            pipe.sadd(k.job_items_key(job_id), *[rec.item_id for rec in fresh])
-        pipe.hincrby(k.job_key(job_id), "written", len(ok))
-        pipe.hincrby(k.job_key(job_id), "failed", len(failed))
-        for rec in failed:
+            pipe.sadd(k.job_items_key(job_id), *batch.records)
+        pipe.hincrby(k.job_key(job_id), "written", len(batch.ok))
+        pipe.hincrby(k.job_key(job_id), "failed", len(batch.failed))
+        for rec in batch.failed:
             pipe.hincrby(k.job_key(job_id), f"failed:{rec.error.code}", 1)  # type: ignore[union-attr]
-        self.rows_written += len(ok)
-        self.rows_failed += len(failed)
+        pipe.delete(k.job_writing_key(job_id))
 
     def _config(self, job_id: str) -> dict[str, str]:
         if job_id not in self._configs:
@@ -129,6 +223,13 @@ class Collector:
         return self._configs[job_id]
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
 def _append(path: Path, lines: list[bytes]) -> None:
     """Appends whole lines and fsyncs; the caller acks only after this returns."""
     if not lines:
@@ -136,8 +237,7 @@ def _append(path: Path, lines: list[bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        data = b"\n".join(lines) + b"\n"
-        view = memoryview(data)
+        view = memoryview(b"\n".join(lines) + b"\n")
         while view:
             written = os.write(fd, view)
             view = view[written:]

@@ -30,6 +30,11 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
         outcome: dict[str, object] = {"qa_pairs": pairs}
     except ImageQAError as e:
         outcome = {"error": ErrorInfo(code=e.code, message=e.message)}
+    except EngineDead:
+        raise
+    except Exception as e:  # a bug must cost one row, not the job
+        log.exception("job %s item %s: unexpected failure", message.job_id, message.item_id)
+        outcome = {"error": ErrorInfo(code="internal_error", message=f"{type(e).__name__}: {e}")}
     elapsed_s = time.perf_counter() - started
     record = ResultRecord(
         job_id=message.job_id,
@@ -78,13 +83,11 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
     except ImageQAError:
         raise
     except Exception as e:
-        if _engine_dead(e):
-            raise
+        if type(e).__name__ == "EngineDeadError":
+            raise EngineDead(str(e)) from e
         raise GenerationError(f"engine failed: {type(e).__name__}: {e}") from e
     return parse_and_check(text, params).pairs
 
 
-def _engine_dead(error: Exception) -> bool:
-    # A dead engine is not this item's fault: let the task fail so the worker is restarted and the
-    # message redelivered, instead of writing an error row.
-    return type(error).__name__ == "EngineDeadError"
+class EngineDead(Exception):
+    """Raised when the engine process is gone: not the item's fault, so no error row is written."""

