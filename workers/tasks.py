@@ -15,12 +15,14 @@ from producer.errors import ContractError
 from producer.results import publish
 from workers.app import app, results_client, runtime, settings
 from workers.generate import WORKER_NAME, EngineDead, process
+from workers.isolation import IsolationGate
 
 log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = 300.0
 """How long a finished result waits for Redis to come back before the task gives up on it."""
 EXIT_ENGINE_DEAD = 70
+_gate = IsolationGate()
 
 
 @app.task(name=k.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -30,26 +32,29 @@ def generate(**kwargs: Any) -> None:
     except ContractError as e:
         _reject(kwargs, e)
         return
-    attempts = _with_redis(
-        lambda: results_client().hincrby(k.job_attempts_key(message.job_id), message.item_id, 1)
-    )
-    if int(attempts) > settings.max_attempts:
-        record = _error(
-            message.model_dump(mode="json"),
-            ErrorInfo(
-                code="poison_item",
-                message=f"started {int(attempts) - 1} times without finishing (a crash or a hang each time)",
-            ),
-        )
-    else:
-        try:
-            record = process(message, runtime(), settings)
-        except EngineDead as e:
-            # Not this item's fault: leave its message unacked (it is redelivered) and let the
-            # supervisor restart the worker with a fresh engine.
-            log.critical("the engine died (%s); exiting so the worker is restarted", e)
-            logging.shutdown()
-            os._exit(EXIT_ENGINE_DEAD)
+    attempts_key = k.job_attempts_key(message.job_id)
+    started_before = int(_with_redis(lambda: results_client().hget(attempts_key, message.item_id)) or 0)
+    # A redelivered item may be the one that crashed the last worker: run it alone (see isolation.py).
+    with _gate.alone() if started_before else _gate.normal():
+        attempts = int(_with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1)))
+        if attempts > settings.max_attempts:
+            record = _error(
+                message.model_dump(mode="json"),
+                ErrorInfo(
+                    code="poison_item",
+                    message=f"started {attempts - 1} times, alone after the first, and never finished"
+                    " (it crashes or hangs the worker)",
+                ),
+            )
+        else:
+            try:
+                record = process(message, runtime(), settings)
+            except EngineDead as e:
+                # Not this item's fault: leave its message unacked (it is redelivered) and let the
+                # supervisor restart the worker with a fresh engine.
+                log.critical("the engine died (%s); exiting so the worker is restarted", e)
+                logging.shutdown()
+                os._exit(EXIT_ENGINE_DEAD)
     _with_redis(lambda: publish(results_client(), record))
 
 

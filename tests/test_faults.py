@@ -1,0 +1,349 @@
+"""Faults done for real: killed workers and collectors, a restarted Redis, a dead engine, poison items,
+graceful shutdown. After each, every input row is in the output or errors file exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from producer.broker import redis_client
+from producer.contract import GenerationParams
+from producer.enqueue import enqueue_file
+from producer.settings import ProducerSettings
+from tests.helpers import (
+    ROOT,
+    CollectorThread,
+    WorkerProcess,
+    make_images,
+    wait_done,
+    write_jsonl,
+)
+from workers.collector import Collector
+from workers.settings import CollectorSettings
+
+FAULT_DB_URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
+PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
+FAST_REDELIVERY = {"IMAGEQA_VISIBILITY_TIMEOUT_S": "4", "IMAGEQA_RESTORE_INTERVAL_S": "1"}
+
+
+@pytest.fixture
+def fault_redis() -> str:
+    client = redis_client(FAULT_DB_URL)
+    client.flushdb()
+    return FAULT_DB_URL
+
+
+def worker(tmp_path: Path, redis_url: str, media: Path, name: str, **env: str) -> WorkerProcess:
+    base = {
+        "IMAGEQA_REDIS_URL": redis_url,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_MODEL": "fake",
+        "IMAGEQA_CONCURRENCY": "8",
+        **FAST_REDELIVERY,
+    }
+    return WorkerProcess({**base, **env}, tmp_path / f"{name}.log")
+
+
+def job_input(media: Path, count: int, **image_size: int) -> Path:
+    size = (image_size.get("w", 96), image_size.get("h", 64))
+    images = make_images(media, count, size=size)
+    return write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
+
+
+def enqueue(redis_url: str, source: Path, output: Path) -> str:
+    return enqueue_file(source, output, settings=ProducerSettings(redis_url=redis_url), params=PARAMS).job_id
+
+
+def lines_written(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def assert_exactly_once(output: Path, rows: int, allowed_errors: dict[str, int] | None = None) -> None:
+    out = [orjson.loads(line) for line in output.read_bytes().splitlines()]  # a torn line fails here
+    errors_path = output.with_name(output.stem + ".errors.jsonl")
+    errors = (
+        [orjson.loads(line) for line in errors_path.read_bytes().splitlines()] if errors_path.exists() else []
+    )
+    seen = Counter([r["n"] for r in out] + [e["row"]["n"] for e in errors])
+    assert sorted(seen) == list(range(rows)), f"missing rows: {set(range(rows)) - set(seen)}"
+    assert max(seen.values()) == 1, f"duplicated rows: {[n for n, c in seen.items() if c > 1]}"
+    assert Counter(e["error"]["code"] for e in errors) == Counter(allowed_errors or {})
+
+
+def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(sig)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child), sig)
+    proc.wait(30)
+
+
+def test_a_killed_worker_loses_nothing_and_repeats_nothing(fault_redis, media, tmp_path):
+    source, output = job_input(media, 40), tmp_path / "out.jsonl"
+    first = worker(tmp_path, fault_redis, media, "first", IMAGEQA_FAKE_DELAY_S="0.3").start(60)
+    with CollectorThread(fault_redis):
+        job_id = enqueue(fault_redis, source, output)
+        wait_for(lambda: lines_written(output) >= 8, what="first rows")
+        assert first.proc is not None
+        kill_tree(first.proc)  # SIGKILL with up to 8 tasks in flight
+        assert first.proc.returncode == -signal.SIGKILL
+        second = worker(tmp_path, fault_redis, media, "second").start(60)
+        try:
+            status = wait_done(fault_redis, job_id, timeout_s=120)
+        finally:
+            second.stop()
+    assert_exactly_once(output, 40)
+    assert status.written == 40
+
+
+def test_a_collector_killed_mid_write_leaves_no_loss_duplicate_or_torn_line(fault_redis, media, tmp_path):
+    source, output = job_input(media, 300), tmp_path / "out.jsonl"
+    fast = worker(tmp_path, fault_redis, media, "w").start(60)
+    env = {
+        **os.environ,
+        "IMAGEQA_REDIS_URL": fault_redis,
+        "IMAGEQA_BATCH_SIZE": "7",
+        "IMAGEQA_CONSUMER": "c1",
+    }
+    collect = [sys.executable, "-m", "workers.cli", "collect"]
+    try:
+        job_id = enqueue(fault_redis, source, output)
+        for threshold in (20, 120, 200):  # three kills at different points of the job
+            proc = subprocess.Popen(collect, env=env, cwd=ROOT)
+            wait_for(lambda t=threshold: lines_written(output) >= t, what=f"{threshold} rows")
+            kill_tree(proc)
+        proc = subprocess.Popen(collect, env=env, cwd=ROOT)
+        try:
+            wait_done(fault_redis, job_id, timeout_s=120)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    finally:
+        fast.stop()
+    assert_exactly_once(output, 300)
+
+
+def test_recovery_truncates_a_write_that_was_never_committed(fault_redis, media, tmp_path, monkeypatch):
+    # Given a collector that dies after appending and fsyncing a batch but before recording it
+    source, output = job_input(media, 5), tmp_path / "out.jsonl"
+    fast = worker(tmp_path, fault_redis, media, "w").start(60)
+    try:
+        job_id = enqueue(fault_redis, source, output)
+        r = redis_client(fault_redis)
+        wait_for(lambda: r.xlen("imageqa:results") >= 5, what="results")
+    finally:
+        fast.stop()
+    dying = Collector(CollectorSettings(redis_url=fault_redis, consumer="c1"))
+
+    def die(*_args, **_kwargs):
+        raise SystemExit("killed between write and commit")
+
+    monkeypatch.setattr(dying, "_commit", die)
+    with pytest.raises(SystemExit):
+        dying.start()
+        dying.step()
+    assert lines_written(output) == 5  # the lines are on disk, but Redis does not know
+    with output.open("ab") as f:
+        f.write(b'{"torn": ')  # and a torn line after them
+    monkeypatch.undo()
+
+    # When the same consumer starts again
+    Collector(CollectorSettings(redis_url=fault_redis, consumer="c1")).start()
+
+    # Then the interrupted write is undone and redone: five rows, once each, all whole
+    assert_exactly_once(output, 5)
+    assert wait_done(fault_redis, job_id, timeout_s=5).written == 5
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path):
+    """A redis-server of the test's own, with append-only persistence, that the test can restart."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed for the restart test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    command = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+        str(data),
+    ]
+    server = {"proc": subprocess.Popen(command, stdout=subprocess.DEVNULL)}
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def up() -> bool:
+        try:
+            return bool(redis_client(url).ping())
+        except Exception:
+            return False
+
+    def restart(down_s: float = 2.0) -> None:
+        server["proc"].terminate()  # SIGTERM: Redis flushes the append-only file and exits
+        server["proc"].wait(30)
+        time.sleep(down_s)
+        server["proc"] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_for(up, 30, "redis restart")
+
+    wait_for(up, 30, "redis start")
+    yield url, restart
+    server["proc"].kill()
+    server["proc"].wait()
+
+
+def test_a_redis_restart_mid_job_loses_nothing(aof_redis, media, tmp_path):
+    url, restart = aof_redis
+    source, output = job_input(media, 60), tmp_path / "out.jsonl"
+    w = worker(tmp_path, url, media, "w", IMAGEQA_FAKE_DELAY_S="0.2").start(60)
+    try:
+        with CollectorThread(url):
+            job_id = enqueue(url, source, output)
+            wait_for(lambda: lines_written(output) >= 10, what="first rows")
+            restart()
+            status = wait_done(url, job_id, timeout_s=180)
+    finally:
+        w.stop()
+    assert_exactly_once(output, 60)
+    assert status.written == 60
+
+
+def test_a_poison_item_becomes_an_error_row_after_bounded_attempts(fault_redis, media, tmp_path):
+    # Given a job where one image crashes the worker process every time it is processed
+    images = make_images(media, 6)
+    from PIL import Image
+
+    Image.new("RGB", (13, 17), "red").save(media / "poison.png")
+    rows = [{"image": p.name, "n": i} for i, p in enumerate(images)] + [{"image": "poison.png", "n": 6}]
+    source, output = write_jsonl(media / "in.jsonl", rows), tmp_path / "out.jsonl"
+    env = {"IMAGEQA_FAKE_FAULTS": '{"13x17": "crash"}', "IMAGEQA_MAX_ATTEMPTS": "2"}
+    with CollectorThread(fault_redis):
+        job_id = enqueue(fault_redis, source, output)
+        # When a supervisor restarts the worker each time it dies
+        restarts = 0
+        deadline = time.monotonic() + 180
+        while True:
+            w = worker(tmp_path, fault_redis, media, f"w{restarts}", **env).start(60)
+            assert w.proc is not None
+            while w.proc.poll() is None and not _done(fault_redis, job_id):
+                assert time.monotonic() < deadline, "the poison item looped"
+                time.sleep(0.1)
+            if _done(fault_redis, job_id):
+                w.stop()
+                break
+            assert w.proc.returncode == 13
+            restarts += 1
+    # Then the job finishes with the poison row as an error after max_attempts crashes
+    assert restarts == 2
+    assert_exactly_once(output, 7, {"poison_item": 1})
+
+
+def test_a_hanging_request_times_out_as_an_error_row(fault_redis, media, tmp_path):
+    images = make_images(media, 3)
+    from PIL import Image
+
+    Image.new("RGB", (11, 19), "blue").save(media / "hang.png")
+    rows = [{"image": p.name, "n": i} for i, p in enumerate(images)] + [{"image": "hang.png", "n": 3}]
+    source, output = write_jsonl(media / "in.jsonl", rows), tmp_path / "out.jsonl"
+    w = worker(
+        tmp_path,
+        fault_redis,
+        media,
+        "w",
+        IMAGEQA_FAKE_FAULTS='{"11x19": "hang"}',
+        IMAGEQA_TASK_TIME_LIMIT_S="32",
+        IMAGEQA_VISIBILITY_TIMEOUT_S="60",
+    ).start(60)
+    try:
+        with CollectorThread(fault_redis):
+            wait_done(fault_redis, enqueue(fault_redis, source, output), timeout_s=60)
+    finally:
+        w.stop()
+    assert_exactly_once(output, 4, {"engine_timeout": 1})
+
+
+def test_sigterm_finishes_or_requeues_in_flight_tasks(fault_redis, media, tmp_path):
+    source, output = job_input(media, 30), tmp_path / "out.jsonl"
+    first = worker(
+        tmp_path, fault_redis, media, "first", IMAGEQA_FAKE_DELAY_S="1.0", IMAGEQA_CONCURRENCY="4"
+    ).start(60)
+    with CollectorThread(fault_redis):
+        job_id = enqueue(fault_redis, source, output)
+        wait_for(lambda: lines_written(output) >= 4, what="first rows")
+        assert first.stop(60) == 0  # SIGTERM: a warm shutdown, exit status 0
+        done_by_first = lines_written(output)
+        assert done_by_first < 30
+        second = worker(tmp_path, fault_redis, media, "second").start(60)
+        try:
+            wait_done(fault_redis, job_id, timeout_s=120)
+        finally:
+            second.stop()
+    assert_exactly_once(output, 30)
+
+
+def _done(redis_url: str, job_id: str) -> bool:
+    from producer.jobs import job_status
+
+    st = job_status(redis_client(redis_url), job_id)
+    return st is not None and st.finished
+
+
+@pytest.mark.engine
+def test_a_dead_engine_exits_the_worker_and_its_tasks_are_redelivered(
+    fault_redis, media, tmp_path, tiny_model
+):
+    source, output = job_input(media, 12), tmp_path / "out.jsonl"
+    env = {
+        "IMAGEQA_ENGINE": "vllm",
+        "IMAGEQA_MODEL": str(tiny_model),
+        "IMAGEQA_MAX_MODEL_LEN": "4096",
+        "IMAGEQA_VISIBILITY_TIMEOUT_S": "8",
+    }
+    first = worker(tmp_path, fault_redis, media, "first", **env).start(300)
+    assert first.proc is not None
+    with CollectorThread(fault_redis):
+        job_id = enqueue(fault_redis, source, output)
+        wait_for(lambda: lines_written(output) >= 1, timeout_s=120, what="first rows")
+        engine_core = subprocess.run(
+            ["pgrep", "-f", "VLLM::EngineCore", "-P", str(first.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert engine_core, "no EngineCore child process found"
+        for pid in engine_core:
+            os.kill(int(pid), signal.SIGKILL)
+        assert first.proc.wait(120) == 70, first.log()[-3000:]  # non-zero: a supervisor restarts it
+        second = worker(tmp_path, fault_redis, media, "second", **env).start(300)
+        try:
+            wait_done(fault_redis, job_id, timeout_s=300)
+        finally:
+            assert second.stop(120) == 0
+    assert_exactly_once(output, 12)
