@@ -23,6 +23,8 @@ PROMPT_VERSION = "qa-v1"
 MAX_IMAGES_PER_ROW = 16
 MAX_IMAGE_REF_CHARS = 8 * 1024 * 1024
 """A `data:` URI carries the image inline; this caps its size (and the message's)."""
+MAX_ROW_BYTES = 16 * 1024 * 1024
+"""An input row (as canonical JSON) larger than this is an error row, not a task."""
 
 
 class _Frozen(BaseModel):

@@ -13,7 +13,14 @@ from pathlib import Path
 from producer import constants as k
 from producer import jobs
 from producer.broker import celery_app, check_redis, redis_client
-from producer.contract import ErrorInfo, GenerationParams, ResultRecord, TaskMessage
+from producer.contract import (
+    MAX_ROW_BYTES,
+    ErrorInfo,
+    GenerationParams,
+    ResultRecord,
+    TaskMessage,
+    canonical_json,
+)
 from producer.errors import InputError
 from producer.inputs import ItemIds, RawRow, read_rows, resolve_ref, row_images
 from producer.results import publish
@@ -129,6 +136,9 @@ def _message(
 ) -> TaskMessage:
     if raw.error is not None:
         raise raw.error
+    size = len(canonical_json(raw.row))
+    if size > MAX_ROW_BYTES:
+        raise InputError(f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", code="row_too_large")
     refs = [resolve_ref(ref, base) for ref in row_images(raw.row, image_key)]
     return TaskMessage(
         job_id=job_id, item_id=item_id, row_index=raw.index, images=refs, row=raw.row, params=params

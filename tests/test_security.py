@@ -1,0 +1,179 @@
+"""Security: JSON-only messages (pickle is never executed), contract checks on raw messages from other
+clients, and a password-protected Redis for every role."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Exchange, Producer
+
+from producer.broker import redis_client
+from producer.contract import GenerationParams
+from producer.enqueue import enqueue_file
+from producer.settings import ProducerSettings
+from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+
+PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
+
+
+class _Exploit:
+    """Unpickling this creates a file: proof that a pickle payload was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _publish_raw(redis_url: str, body: object, serializer: str, headers: dict) -> None:
+    with Connection(redis_url) as conn:
+        producer = Producer(
+            conn.channel(), exchange=Exchange("")
+        )  # the default exchange: straight to the queue
+        producer.publish(
+            body, routing_key="imageqa.generate", serializer=serializer, headers=headers, declare=[]
+        )
+
+
+def _wait_job(cluster, media: Path, tmp_path: Path) -> list:  # type: ignore[no-untyped-def]
+    (image,) = make_images(media, 1)
+    source = write_jsonl(media / "in.jsonl", [{"image": image.name}])
+    with CollectorThread(cluster.redis_url, output_dir=tmp_path / "adopted"):
+        summary = enqueue_file(
+            source,
+            tmp_path / "out.jsonl",
+            settings=ProducerSettings(redis_url=cluster.redis_url),
+            params=PARAMS,
+        )
+        wait_done(cluster.redis_url, summary.job_id, timeout_s=60)
+    return read_jsonl(tmp_path / "out.jsonl")
+
+
+def test_a_pickle_message_is_rejected_and_never_executed(fake_cluster, media, tmp_path):
+    marker = tmp_path / "pwned"
+    headers = {"task": "imageqa.generate", "id": "evil-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""}
+    _publish_raw(fake_cluster.redis_url, ((), {"x": _Exploit(marker)}, {}), "pickle", headers)
+    # The worker is still there and serves the next job, and the payload never ran.
+    assert len(_wait_job(fake_cluster, media, tmp_path)) == 1
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert "Refusing to deserialize untrusted content of type pickle" in fake_cluster.worker.log()
+
+
+def test_messages_with_unknown_or_missing_fields(fake_cluster, media, tmp_path):
+    from celery import Celery
+
+    (image,) = make_images(media, 1)
+    client = Celery("other", broker=fake_cluster.redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    base = {"job_id": "raw-job", "row_index": 0, "images": [str(image)], "row": {"image": str(image)}}
+    client.send_task(
+        "imageqa.generate", kwargs={**base, "item_id": "a", "surprise": 1}, queue="imageqa.generate"
+    )
+    client.send_task(
+        "imageqa.generate", kwargs={**base, "item_id": "b", "images": []}, queue="imageqa.generate"
+    )
+    client.send_task("imageqa.generate", kwargs={"job_id": "raw-job"}, queue="imageqa.generate")  # no item id
+    client.send_task("imageqa.generate", kwargs={**base, "item_id": "c"}, queue="imageqa.generate")
+    with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path) as collector:
+        deadline = time.monotonic() + 60
+        while collector.collector.rows_written + collector.collector.rows_failed < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    errors = read_jsonl(tmp_path / "raw-job.errors.jsonl")
+    assert sorted((e["item_id"], e["error"]["code"]) for e in errors) == [
+        ("a", "message_invalid"),
+        ("b", "message_invalid"),
+    ]
+    assert "surprise" in errors[0]["error"]["message"] or "surprise" in errors[1]["error"]["message"]
+    assert [r["row"] if "row" in r else r["image"] for r in read_jsonl(tmp_path / "raw-job.jsonl")] == [
+        str(image)
+    ]
+    assert "without job_id/item_id" in fake_cluster.worker.log()
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            "s3cret-pw",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis_client(url).ping()
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    yield url, port
+    proc.kill()
+    proc.wait()
+
+
+def test_every_role_works_with_a_password_protected_redis(password_redis, media, tmp_path):
+    url, port = password_redis
+    images = make_images(media, 3)
+    source = write_jsonl(media / "in.jsonl", [{"image": p.name} for p in images])
+    env = {"IMAGEQA_REDIS_URL": url, "IMAGEQA_MEDIA_ROOTS": str(media), "IMAGEQA_ENGINE": "fake"}
+    worker = WorkerProcess(env, tmp_path / "worker.log").start(60)
+    collector = subprocess.Popen([sys.executable, "-m", "workers.cli", "collect"], env={**os.environ, **env})
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "enqueue",
+                str(source),
+                "-o",
+                str(tmp_path / "out.jsonl"),
+                "--max-question-chars",
+                "40",
+                "--max-answer-chars",
+                "40",
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        wait_done(url, done.stdout.strip(), timeout_s=60)
+    finally:
+        collector.terminate()
+        collector.wait(30)
+        worker.stop()
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 3
+    assert "s3cret-pw" not in worker.log()
+
+    # A wrong password is a clear error, with the password itself not printed
+    bad = {**os.environ, "IMAGEQA_REDIS_URL": f"redis://:wrong-pw@127.0.0.1:{port}/0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "enqueue", str(source), "-o", str(tmp_path / "x.jsonl")],
+        env=bad,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "does not answer" in out.stderr and "wrong-pw" not in out.stderr
