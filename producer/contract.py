@@ -71,6 +71,9 @@ class TaskMessage(_Frozen):
     )
     row: dict[str, Any] = Field(description="The original input row, copied to the output unchanged.")
     params: GenerationParams = Field(default_factory=GenerationParams)
+    enqueued_at: float | None = Field(
+        default=None, description="Unix time of enqueueing (for queue-wait metrics)."
+    )
 
     @model_validator(mode="after")
     def _refs(self) -> TaskMessage:

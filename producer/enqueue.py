@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -141,7 +142,13 @@ def _message(
         raise InputError(f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", code="row_too_large")
     refs = [resolve_ref(ref, base) for ref in row_images(raw.row, image_key)]
     return TaskMessage(
-        job_id=job_id, item_id=item_id, row_index=raw.index, images=refs, row=raw.row, params=params
+        job_id=job_id,
+        item_id=item_id,
+        row_index=raw.index,
+        images=refs,
+        row=raw.row,
+        params=params,
+        enqueued_at=time.time(),
     )
 
 

@@ -63,7 +63,12 @@ def _worker(
 ) -> WorkerProcess:
     url = _flushed(f"{REDIS_BASE}/{db}")
     log = tmp_path_factory.mktemp(name) / "worker.log"
-    base = {"IMAGEQA_REDIS_URL": url, "IMAGEQA_MEDIA_ROOTS": str(media_root), "IMAGEQA_CONCURRENCY": "32"}
+    base = {
+        "IMAGEQA_REDIS_URL": url,
+        "IMAGEQA_MEDIA_ROOTS": str(media_root),
+        "IMAGEQA_CONCURRENCY": "32",
+        "IMAGEQA_METRICS_PORT": "0",
+    }
     return WorkerProcess({**base, **env}, log)
 
 

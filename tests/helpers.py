@@ -84,7 +84,7 @@ class WorkerProcess:
     """A real ``imageqa worker`` (Celery, threads pool) in a subprocess."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env}
+        self.env = {**os.environ, "IMAGEQA_METRICS_PORT": "0", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -74,6 +74,9 @@ def _on_worker_init(**_: Any) -> None:
         sys.stdout.flush()
         os._exit(3)
     log.info("engine ready")
+    from workers import metrics
+
+    metrics.serve(settings.metrics_port, settings.metrics_address)
 
 
 @signals.worker_shutdown.connect

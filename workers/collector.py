@@ -32,6 +32,7 @@ from producer.broker import redis_client
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.results import FIELD
+from workers import metrics
 from workers.settings import CollectorSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Collector:
         self.rows_failed = 0
         self._configs: dict[str, dict[str, str]] = {}
         self._last_claim = 0.0
+        self._last_observe = 0.0
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -66,6 +68,7 @@ class Collector:
                 while not stop.is_set():
                     self.step(block_ms=self.settings.block_ms)
                     self.maybe_claim()
+                    self.maybe_observe()
                     backoff_s = 0.1
             except RETRYABLE as e:
                 log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
@@ -126,6 +129,21 @@ class Collector:
             self.recover()
             self.handle(claimed)
 
+    def maybe_observe(self, every_s: float = 5.0) -> None:
+        """Refreshes the lag, pending and queue-depth gauges."""
+        if time.monotonic() - self._last_observe < every_s:
+            return
+        self._last_observe = time.monotonic()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xinfo_groups(k.RESULTS_STREAM)
+        pipe.llen(k.QUEUE_GENERATE)
+        groups, depth = pipe.execute()
+        for group in groups:
+            if group["name"] in (k.COLLECTOR_GROUP, k.COLLECTOR_GROUP.encode()):
+                metrics.COLLECTOR_LAG.set(group.get("lag") or 0)
+                metrics.COLLECTOR_PENDING.set(group.get("pending") or 0)
+        metrics.QUEUE_DEPTH.set(depth)
+
     def step(self, start_id: str = ">", block_ms: int | None = None) -> int:
         response: Any = self.r.xreadgroup(
             k.COLLECTOR_GROUP,
@@ -163,6 +181,8 @@ class Collector:
         for batch in writing.values():
             self.rows_written += len(batch.ok)
             self.rows_failed += len(batch.failed)
+            metrics.ROWS.labels("output").inc(len(batch.ok))
+            metrics.ROWS.labels("errors").inc(len(batch.failed))
         for job_id in batches:
             if jobs.finish_if_complete(self.r, job_id):
                 self._configs.pop(job_id, None)
@@ -248,6 +268,7 @@ def _append(path: Path, lines: list[bytes]) -> None:
 
 def run_collector(settings: CollectorSettings, stop: threading.Event | None = None) -> None:
     collector = Collector(settings)
+    metrics.serve(settings.metrics_port, settings.metrics_address)
     log.info("collector %s reading %s", settings.consumer, k.RESULTS_STREAM)
     started = time.monotonic()
     try:

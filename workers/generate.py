@@ -11,6 +11,7 @@ import time
 
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import GenerationError, ImageQAError
+from workers import metrics
 from workers.engines.base import EngineRequest, SamplingSettings
 from workers.images import load_image
 from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
@@ -36,6 +37,10 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
         log.exception("job %s item %s: unexpected failure", message.job_id, message.item_id)
         outcome = {"error": ErrorInfo(code="internal_error", message=f"{type(e).__name__}: {e}")}
     elapsed_s = time.perf_counter() - started
+    error = outcome.get("error")
+    metrics.IMAGES.labels(
+        "failed" if error else "ok", error.code if isinstance(error, ErrorInfo) else ""
+    ).inc()
     record = ResultRecord(
         job_id=message.job_id,
         item_id=message.item_id,
@@ -63,7 +68,8 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
             f"task asks for model {params.model!r}; this worker serves {settings.model!r}",
             code="model_mismatch",
         )
-    images = [load_image(ref, settings) for ref in message.images]
+    with metrics.stage("load"):
+        images = [load_image(ref, settings) for ref in message.images]
     request = EngineRequest(
         request_id=f"{message.job_id}:{message.item_id}:{time.monotonic_ns()}",
         images=images,
@@ -75,9 +81,10 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
         ),
     )
     try:
-        text = runtime.run(
-            runtime.engine.generate(request), timeout_s=max(1, settings.task_time_limit_s - 30)
-        )
+        with metrics.stage("engine"):
+            text = runtime.run(
+                runtime.engine.generate(request), timeout_s=max(1, settings.task_time_limit_s - 30)
+            )
     except TimeoutError as e:
         raise GenerationError(str(e), code="engine_timeout") from e
     except ImageQAError:
@@ -86,7 +93,8 @@ def _generate(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSett
         if type(e).__name__ == "EngineDeadError":
             raise EngineDead(str(e)) from e
         raise GenerationError(f"engine failed: {type(e).__name__}: {e}") from e
-    return parse_and_check(text, params).pairs
+    with metrics.stage("validate"):
+        return parse_and_check(text, params).pairs
 
 
 class EngineDead(Exception):

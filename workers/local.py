@@ -145,6 +145,7 @@ class LocalCluster:
     def _start_worker(self) -> None:
         env = dict(os.environ)
         env["IMAGEQA_REDIS_URL"] = self.redis_url
+        env.setdefault("IMAGEQA_METRICS_PORT", "0")
         roots = [str(self.media_root)] + [
             p for p in env.get("IMAGEQA_MEDIA_ROOTS", "").split(os.pathsep) if p
         ]

@@ -13,6 +13,7 @@ from producer import constants as k
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError
 from producer.results import publish
+from workers import metrics
 from workers.app import app, results_client, runtime, settings
 from workers.generate import WORKER_NAME, EngineDead, process
 from workers.isolation import IsolationGate
@@ -32,6 +33,8 @@ def generate(**kwargs: Any) -> None:
     except ContractError as e:
         _reject(kwargs, e)
         return
+    if message.enqueued_at:
+        metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
     attempts_key = k.job_attempts_key(message.job_id)
     started_before = int(_with_redis(lambda: results_client().hget(attempts_key, message.item_id)) or 0)
     # A redelivered item may be the one that crashed the last worker: run it alone (see isolation.py).
@@ -48,7 +51,8 @@ def generate(**kwargs: Any) -> None:
             )
         else:
             try:
-                record = process(message, runtime(), settings)
+                with metrics.IN_FLIGHT.track_inprogress():
+                    record = process(message, runtime(), settings)
             except EngineDead as e:
                 # Not this item's fault: leave its message unacked (it is redelivered) and let the
                 # supervisor restart the worker with a fresh engine.
