@@ -40,7 +40,7 @@ class ImageSettings(RedisSettings):
 class WorkerSettings(ImageSettings):
     model: str = DEFAULT_MODEL
     """A local checkpoint folder or a model hub id."""
-    engine: Literal["vllm", "fake"] = "vllm"
+    engine: Literal["vllm", "fake", "openai"] = "vllm"
     concurrency: int = 128
     """Tasks in flight per worker process. Twice max_num_seqs keeps requests waiting in the engine, so a
     finished sequence's slot is refilled at once instead of after a round trip to the broker."""
@@ -60,9 +60,22 @@ class WorkerSettings(ImageSettings):
     """How often the worker sweeps for tasks whose worker died, to redeliver them."""
     task_time_limit_s: int = 600
     """Hard per-task limit; the engine request is cancelled after ``task_time_limit_s - 30``."""
+    metrics_port: int = 9100
+    """Prometheus /metrics of this worker (0: off). One per process: give each worker on a host its own."""
+    metrics_address: str = "127.0.0.1"
     fake_delay_s: float = 0.0
     fake_faults: dict[str, str] = {}
     """Fake engine only: image size (``"13x17"``) -> ``"crash"`` or ``"hang"``, for fault tests."""
+    base_url: str = "https://api.openai.com/v1"
+    """engine=openai: root of the OpenAI-compatible API (e.g. ``http://gpu-7:8000/v1`` for vllm serve)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """engine=openai: name of the environment variable that holds the API key (unset: no key)."""
+    openai_max_concurrency: int = 64
+    """engine=openai: requests in flight to the server at once."""
+
+    def api_key(self) -> str | None:
+        """The key held by the variable ``api_key_env`` names; read here so it never sits in settings."""
+        return os.environ.get(self.api_key_env) or None
 
 
 class CollectorSettings(RedisSettings):
@@ -70,6 +83,9 @@ class CollectorSettings(RedisSettings):
     batch_size: int = 500
     """Stream entries read, written and fsynced per batch."""
     block_ms: int = 1000
+    metrics_port: int = 9101
+    """Prometheus /metrics of the collector (0: off)."""
+    metrics_address: str = "127.0.0.1"
     claim_idle_s: float = 300.0
     """Entries another collector read but left unacked this long are taken over (it is presumed dead)."""
     output_dir: Path = Path("imageqa-output")
