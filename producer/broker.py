@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,3 +77,12 @@ def celery_app(
     app = Celery(name)
     app.conf.update(celery_config(redis_url, visibility_timeout_s, restore_interval_s))
     return app
+
+
+def task_sender(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
+    """A `producer.jobs.SendTask` that sends a Celery task by name, as JSON, on ``app``'s broker."""
+
+    def send(name: str, queue: str, kwargs: dict[str, Any]) -> None:
+        app.send_task(name, kwargs=kwargs, queue=queue)
+
+    return send

@@ -19,7 +19,7 @@ from producer.broker import check_redis, redis_client
 from producer.contract import GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
-from producer.jobs import JobStatus, job_status, list_jobs
+from producer.jobs import JobStatus, cancel_job, job_status, list_jobs
 from producer.settings import ProducerSettings
 
 app = typer.Typer(
@@ -89,6 +89,8 @@ def enqueue(
     input_format: Annotated[
         str | None, typer.Option("--format", help="Input format if not by suffix.")
     ] = None,
+    on_done_task: Annotated[str | None, typer.Option(help="Celery task sent when the job finishes.")] = None,
+    on_done_queue: Annotated[str, typer.Option(help="Queue of --on-done-task.")] = "celery",
 ) -> None:
     """Enqueue one task per input row for the workers; prints the job id."""
     settings = ProducerSettings()
@@ -102,6 +104,8 @@ def enqueue(
             ),
             job_id=job_id,
             input_format=input_format,
+            on_done_task=on_done_task,
+            on_done_queue=on_done_queue,
         )
     except ImageQAError as e:
         raise fail(e) from None
@@ -159,10 +163,28 @@ def schema(output: Annotated[Path | None, typer.Option("-o", "--output")] = None
 
 
 def describe(st: JobStatus) -> str:
-    return (
-        f"{st.job_id} {st.state}: {st.done}/{st.total} done ({st.written} written, {st.failed} failed) "
-        f"-> {st.output_path}"
+    text = (
+        f"{st.job_id} {st.state}: {st.done}/{st.total} done ({st.written} written, {st.failed} failed), "
+        f"{st.rate_per_s:.1f} rows/s"
     )
+    if st.eta_s is not None:
+        text += f", about {st.eta_s:.0f} s left"
+    if st.failures:
+        text += "; failures: " + ", ".join(f"{code} {n}" for code, n in sorted(st.failures.items()))
+    return text + f" -> {st.output_path}"
+
+
+@app.command()
+def cancel(job: Annotated[str, typer.Argument(help="Job id.")]) -> None:
+    """Cancel a job: its remaining rows are skipped and recorded as ``cancelled`` error rows."""
+    settings = ProducerSettings()
+    try:
+        check_redis(settings.redis_url)
+    except ImageQAError as e:
+        raise fail(e) from None
+    if not cancel_job(redis_client(settings.redis_url), job):
+        raise fail(ValueError(f"no job {job!r}"))
+    console.print(f"job {job} cancelled; rows already done stay written")
 
 
 def wait_for_job(

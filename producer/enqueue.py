@@ -13,7 +13,7 @@ from pathlib import Path
 
 from producer import constants as k
 from producer import jobs
-from producer.broker import celery_app, check_redis, redis_client
+from producer.broker import celery_app, check_redis, redis_client, task_sender
 from producer.contract import (
     MAX_ROW_BYTES,
     ErrorInfo,
@@ -62,12 +62,15 @@ def enqueue_file(
     input_format: str | None = None,
     media_base: Path | None = None,
     on_progress: Callable[[int], None] | None = None,
+    on_done_task: str | None = None,
+    on_done_queue: str | None = None,
 ) -> EnqueueSummary:
     """Enqueues every row of ``input_path`` as a job writing to ``output_path``.
 
     Rows already written by an earlier run of the same job are skipped. A row that cannot become a
     task (malformed, no images) is sent straight to the collector as an error row. Relative image
-    paths resolve against ``media_base`` (default: the input's folder).
+    paths resolve against ``media_base`` (default: the input's folder). When the job finishes, the
+    Celery task ``on_done_task`` (if given) is sent to ``on_done_queue`` with the job's figures.
     """
     check_redis(settings.redis_url)
     rows = read_rows(input_path, input_format)
@@ -84,6 +87,8 @@ def enqueue_file(
         output_key=settings.output_key,
         input_path=str(input_path.resolve()),
         params_json=params.model_dump_json(),
+        on_done_task=on_done_task,
+        on_done_queue=on_done_queue,
     )
     app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
     ids = ItemIds(params.fingerprint())
@@ -125,7 +130,7 @@ def enqueue_file(
         pipe.hincrby(k.job_key(job_id), "skipped", counts["skipped"])
         pipe.hset(k.job_key(job_id), mapping={"enqueue_complete": 1, "state": "running"})
         pipe.execute()
-        jobs.finish_if_complete(r, job_id)
+        jobs.finish_if_complete(r, job_id, task_sender(app))
     finally:
         r.close()
     log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -32,12 +33,30 @@ class JobStatus:
     def done(self) -> int:
         return self.written + self.failed
 
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed rows by error code."""
+
     @property
     def finished(self) -> bool:
-        return self.state == "done"
+        return self.finished_at is not None and self.state in ("done", "cancelled")
+
+    @property
+    def rate_per_s(self) -> float:
+        end = self.finished_at or time.time()
+        return self.done / (end - self.created_at) if end > self.created_at else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.rate_per_s
+        return (self.total - self.done) / rate if rate and not self.finished else None
 
     def as_dict(self) -> dict[str, object]:
-        return {**self.__dict__, "done": self.done}
+        return {
+            **self.__dict__,
+            "done": self.done,
+            "rate_per_s": round(self.rate_per_s, 3),
+            "eta_s": self.eta_s,
+        }
 
 
 def register_job(
@@ -49,6 +68,8 @@ def register_job(
     output_key: str,
     input_path: str,
     params_json: str,
+    on_done_task: str | None = None,
+    on_done_queue: str | None = None,
 ) -> None:
     """Creates the job, or reopens it for another enqueue pass over the same input."""
     now = time.time()
@@ -66,7 +87,12 @@ def register_job(
             "enqueue_complete": 0,
         },
     )
-    pipe.hdel(k.job_key(job_id), "finished_at")
+    pipe.hdel(k.job_key(job_id), "finished_at", "cancelled")
+    if on_done_task:
+        pipe.hset(
+            k.job_key(job_id),
+            mapping={"on_done_task": on_done_task, "on_done_queue": on_done_queue or "celery"},
+        )
     pipe.zadd(k.JOBS_INDEX, {job_id: now}, nx=True)
     pipe.execute()
 
@@ -118,6 +144,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         output_key=h.get("output_key", "qa_pairs"),
         created_at=float(h.get("created_at", 0)),
         finished_at=float(h["finished_at"]) if "finished_at" in h else None,
+        failures={key[7:]: int(v) for key, v in h.items() if key.startswith("failed:")},
     )
 
 
@@ -126,10 +153,24 @@ def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
     return [j.decode() for j in ids]
 
 
-def finish_if_complete(r: redis.Redis, job_id: str) -> bool:
+SendTask = Callable[[str, str, dict[str, object]], None]
+"""(task name, queue, kwargs) -> None: sends a Celery task by name."""
+
+
+def cancel_job(r: redis.Redis, job_id: str) -> bool:
+    """Marks the job cancelled: workers turn its remaining tasks into ``cancelled`` error rows."""
+    if not r.exists(k.job_key(job_id)):
+        return False
+    r.hset(k.job_key(job_id), mapping={"state": "cancelled", "cancelled": 1})
+    return True
+
+
+def finish_if_complete(r: redis.Redis, job_id: str, send_task: SendTask | None = None) -> bool:
     """Marks the job done when enqueueing is over and every item is written; True if it is done.
 
-    Called by the collector after each batch and by the producer after enqueueing; idempotent.
+    Called by the collector after each batch and by the producer after enqueueing; idempotent. When
+    the job finishes it announces it on its pub/sub channel and, if the enqueuer named one, sends the
+    Celery task ``on_done_task`` with the job's figures.
     """
     pipe = r.pipeline()
     pipe.hget(k.job_key(job_id), "enqueue_complete")
@@ -139,6 +180,21 @@ def finish_if_complete(r: redis.Redis, job_id: str) -> bool:
     if complete != b"1" or done < total:
         return False
     if r.hsetnx(k.job_key(job_id), "finished_at", time.time()):
-        r.hset(k.job_key(job_id), "state", "done")
-        r.publish(k.job_events_channel(job_id), orjson.dumps({"job_id": job_id, "event": "done"}))
+        if r.hget(k.job_key(job_id), "cancelled") != b"1":
+            r.hset(k.job_key(job_id), "state", "done")
+        status = job_status(r, job_id)
+        assert status is not None
+        event = {
+            "job_id": job_id,
+            "event": "finished",
+            "state": status.state,
+            "written": status.written,
+            "failed": status.failed,
+            "output_path": status.output_path,
+            "errors_path": status.errors_path,
+        }
+        r.publish(k.job_events_channel(job_id), orjson.dumps(event))
+        callback: list[bytes | None] = r.hmget(k.job_key(job_id), ["on_done_task", "on_done_queue"])  # type: ignore[assignment]
+        if callback[0] and send_task is not None:
+            send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
     return True

@@ -28,7 +28,7 @@ import redis
 
 from producer import constants as k
 from producer import jobs
-from producer.broker import redis_client
+from producer.broker import celery_app, redis_client, task_sender
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.results import FIELD
@@ -57,6 +57,7 @@ class Collector:
         self._configs: dict[str, dict[str, str]] = {}
         self._last_claim = 0.0
         self._last_observe = 0.0
+        self._celery: Any = None
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -184,8 +185,15 @@ class Collector:
             metrics.ROWS.labels("output").inc(len(batch.ok))
             metrics.ROWS.labels("errors").inc(len(batch.failed))
         for job_id in batches:
-            if jobs.finish_if_complete(self.r, job_id):
+            if jobs.finish_if_complete(self.r, job_id, self._send_task):
                 self._configs.pop(job_id, None)
+
+    def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
+        if self._celery is None:
+            self._celery = celery_app(
+                self.settings.redis_url, self.settings.visibility_timeout_s, "imageqa-collector"
+            )
+        task_sender(self._celery)(name, queue, kwargs)
 
     def _select_fresh(self, batches: dict[str, _JobBatch]) -> None:
         pipe = self.r.pipeline(transaction=False)

@@ -36,7 +36,19 @@ def generate(**kwargs: Any) -> None:
     if message.enqueued_at:
         metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
     attempts_key = k.job_attempts_key(message.job_id)
-    started_before = int(_with_redis(lambda: results_client().hget(attempts_key, message.item_id)) or 0)
+
+    def look() -> list[Any]:
+        pipe = results_client().pipeline(transaction=False)
+        pipe.hget(attempts_key, message.item_id)
+        pipe.hget(k.job_key(message.job_id), "cancelled")
+        return pipe.execute()
+
+    started, cancelled = _with_redis(look)
+    if cancelled == b"1":
+        error = ErrorInfo(code="cancelled", message="the job was cancelled before this row was processed")
+        _with_redis(lambda: publish(results_client(), _error(message.model_dump(mode="json"), error)))
+        return
+    started_before = int(started or 0)
     # A redelivered item may be the one that crashed the last worker: run it alone (see isolation.py).
     with _gate.alone() if started_before else _gate.normal():
         attempts = int(_with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1)))

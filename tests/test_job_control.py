@@ -1,0 +1,115 @@
+"""Job control: status with rate and failures by code, cancel, the completion event and callback task."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+
+from producer import constants as k
+from producer.broker import redis_client
+from producer.contract import GenerationParams
+from producer.enqueue import enqueue_file
+from producer.settings import ProducerSettings
+from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+
+PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
+URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/11"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env={**os.environ, "IMAGEQA_REDIS_URL": URL},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_cancel_skips_the_rest_and_every_row_is_still_accounted_for(media, tmp_path):
+    redis_client(URL).flushdb()
+    images = make_images(media, 20)
+    source = write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
+    env = {
+        "IMAGEQA_REDIS_URL": URL,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_FAKE_DELAY_S": "0.4",
+        "IMAGEQA_CONCURRENCY": "2",
+    }
+    worker = WorkerProcess(env, tmp_path / "w.log").start(60)
+    output = tmp_path / "out.jsonl"
+    try:
+        with CollectorThread(URL):
+            job_id = enqueue_file(
+                source, output, settings=ProducerSettings(redis_url=URL), params=PARAMS
+            ).job_id
+            while len(read_jsonl(output)) < 2:
+                time.sleep(0.05)
+            assert cli("cancel", job_id).returncode == 0
+            st = wait_done(URL, job_id, timeout_s=60)
+    finally:
+        worker.stop()
+    written, errors = read_jsonl(output), read_jsonl(tmp_path / "out.errors.jsonl")
+    assert sorted([r["n"] for r in written] + [e["row"]["n"] for e in errors]) == list(range(20))
+    assert {e["error"]["code"] for e in errors} == {"cancelled"}
+    assert st.state == "cancelled" and st.failed == len(errors) >= 10
+    report = json.loads(cli("status", job_id, "--json").stdout)
+    assert report["failures"] == {"cancelled": len(errors)}
+    assert report["state"] == "cancelled" and report["rate_per_s"] > 0
+    human = cli("status", job_id).stderr
+    assert "cancelled" in human and "rows/s" in human
+    assert cli("cancel", "no-such-job").returncode == 2
+
+
+def test_a_finished_job_announces_itself_and_sends_the_callback_task(fake_cluster, media, tmp_path):
+    images = make_images(media, 3)
+    source = write_jsonl(media / "in.jsonl", [{"image": p.name} for p in images] + [{"image": "gone.jpg"}])
+    settings = ProducerSettings(redis_url=fake_cluster.redis_url)
+    r = redis_client(fake_cluster.redis_url)
+    pubsub = r.pubsub()
+    pubsub.psubscribe(k.job_events_channel("*"))
+    events: list[dict] = []
+
+    def listen() -> None:
+        for message in pubsub.listen():
+            if message["type"] == "pmessage":
+                events.append(orjson.loads(message["data"]))
+                return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    with CollectorThread(fake_cluster.redis_url):
+        summary = enqueue_file(
+            source,
+            tmp_path / "out.jsonl",
+            settings=settings,
+            params=PARAMS,
+            on_done_task="myapp.qa_ready",
+            on_done_queue="myapp",
+        )
+        wait_done(fake_cluster.redis_url, summary.job_id)
+    listener.join(10)
+    assert events == [
+        {
+            "job_id": summary.job_id,
+            "event": "finished",
+            "state": "done",
+            "written": 3,
+            "failed": 1,
+            "output_path": str(tmp_path / "out.jsonl"),
+            "errors_path": str(tmp_path / "out.errors.jsonl"),
+        }
+    ]
+    raw = r.lpop("myapp")
+    assert raw is not None, "the callback task was not sent"
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "myapp.qa_ready"
+    _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert kwargs == events[0]
