@@ -1,0 +1,151 @@
+"""Other applications enqueue without this project's code: the JSON Schema they read is current, and the
+plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from producer.contract import TaskMessage
+from tests.conftest import Cluster
+from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl
+
+SCHEMA = ROOT / "docs" / "task-schema.json"
+DOC = ROOT / "docs" / "enqueue.md"
+PLAIN_EXAMPLE = ROOT / "examples" / "enqueue_plain_celery.py"
+NODE_EXAMPLE = ROOT / "examples" / "node"
+NODE_CACHE = ROOT / ".cache" / "node-example"
+
+
+def test_committed_schema_is_what_imageqa_schema_prints():
+    printed = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "schema"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert SCHEMA.read_text() == printed, (
+        "docs/task-schema.json is out of date: .venv/bin/imageqa schema -o docs/task-schema.json"
+    )
+
+
+def test_the_documented_message_matches_the_schema_and_the_contract():
+    example = json.loads(re.search(r"```json\n(.*?)```", DOC.read_text(), re.S).group(1))
+    jsonschema.validate(example, json.loads(SCHEMA.read_text())["task_kwargs"])
+    assert TaskMessage.decode(example).job_id == example["job_id"]
+
+
+def test_plain_celery_example_imports_nothing_of_this_project():
+    tree = ast.parse(PLAIN_EXAMPLE.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    top_level = {name.split(".")[0] for name in imported}
+    assert "celery" in top_level
+    assert top_level <= set(sys.stdlib_module_names) | {"celery"}
+
+
+def wait_for_lines(folder: Path, job_id: str, count: int, timeout_s: float = 60.0) -> tuple[list, list]:
+    """The job's output and error lines, once there are ``count`` of them together."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = read_jsonl(folder / f"{job_id}.jsonl")
+        errors = read_jsonl(folder / f"{job_id}.errors.jsonl")
+        if len(out) + len(errors) >= count or time.monotonic() > deadline:
+            return out, errors
+        time.sleep(0.1)
+
+
+def check_results(folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
+    """Every image gives one output line (its row plus pairs); the missing one an error line."""
+    out, errors = wait_for_lines(folder, job_id, len(images) + 1)
+    assert sorted(row["image"] for row in out) == sorted([str(p)] for p in images)
+    for row in out:
+        assert set(row) == {"image", "qa_pairs"}
+        assert len(row["qa_pairs"]) >= 3
+        assert all(pair["question"].strip() and pair["answer"].strip() for pair in row["qa_pairs"])
+    assert [(e["row"], e["error"]["code"]) for e in errors] == [
+        ({"image": [str(missing)]}, "image_not_found")
+    ]
+    # A second pass over the same files finds nothing more: one line per task.
+    time.sleep(0.5)
+    assert len(read_jsonl(folder / f"{job_id}.jsonl")) == len(images)
+
+
+def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, tmp_path: Path):
+    images = make_images(media, 3)
+    missing = media / "missing.jpg"
+    with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(PLAIN_EXAMPLE),
+                fake_cluster.redis_url,
+                "plain-job",
+                *map(str, images),
+                str(missing),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "plain-job"
+        check_results(tmp_path, "plain-job", images, missing)
+
+
+def _node_modules() -> Path:
+    """celery-node installed from examples/node's lock file into .cache (reinstalled when it changes)."""
+    if shutil.which("npm") is None:
+        pytest.fail("node is installed but npm is not: cannot install celery-node")
+    files = [NODE_EXAMPLE / "package.json", NODE_EXAMPLE / "package-lock.json"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    stamp = NODE_CACHE / ".installed"
+    if not (stamp.exists() and stamp.read_text() == digest):
+        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, NODE_CACHE / f.name)
+        install = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_CACHE,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert install.returncode == 0, f"npm ci failed:\n{install.stdout}\n{install.stderr}"
+        stamp.write_text(digest)
+    return NODE_CACHE / "node_modules"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, tmp_path: Path):
+    node_modules = _node_modules()
+    images = make_images(media, 3)
+    missing = media / "missing.jpg"
+    with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
+        run = subprocess.run(
+            [
+                "node",
+                str(NODE_EXAMPLE / "enqueue.js"),
+                fake_cluster.redis_url,
+                "node-job",
+                *map(str, images),
+                str(missing),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"], "NODE_PATH": str(node_modules)},
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "node-job"
+        check_results(tmp_path, "node-job", images, missing)
