@@ -22,7 +22,7 @@ from producer import constants as k
 from producer.broker import check_redis, redis_client
 from producer.contract import GenerationParams
 from producer.enqueue import EnqueueSummary, default_errors_path, default_job_id, enqueue_file
-from producer.errors import BrokerUnavailable, ImageQAError
+from producer.errors import BrokerUnavailable
 from producer.settings import ProducerSettings
 from workers.collector import Collector
 from workers.settings import CollectorSettings
@@ -168,7 +168,3 @@ class LocalCluster:
             )
         self.console.print(f"worker started (pid {self._worker.pid}); log: {self.worker_log}")
 
-
-def raise_if_failed(cluster: LocalCluster) -> None:
-    if not cluster.worker_alive():
-        raise ImageQAError(f"the worker stopped; last lines of its log:\n{cluster.worker_log_tail()}")
