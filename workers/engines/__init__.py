@@ -16,6 +16,18 @@ def build_engine(settings: WorkerSettings) -> Engine:
         from workers.engines.fake import FakeEngine
 
         return FakeEngine(model=settings.model, delay_s=settings.fake_delay_s, faults=settings.fake_faults)
+    if settings.engine == "openai":
+        from workers.engines.openai import OpenAIEngine, OpenAIEngineConfig
+
+        return OpenAIEngine(
+            OpenAIEngineConfig(
+                base_url=settings.base_url,
+                model=settings.model,
+                api_key=settings.api_key(),
+                max_concurrency=settings.openai_max_concurrency,
+                request_timeout_s=max(1, settings.task_time_limit_s - 30),
+            )
+        )
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(vllm_config(settings))
