@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from producer.broker import check_redis, redis_client
-from producer.contract import GenerationParams, json_schemas
+from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
 from producer.jobs import JobStatus, cancel_job, job_status, list_jobs
@@ -44,6 +44,64 @@ QuestionCharsOption = Annotated[int, typer.Option(help="Longest question, in cha
 AnswerCharsOption = Annotated[int, typer.Option(help="Longest answer, in characters.")]
 TemperatureOption = Annotated[float, typer.Option(help="Sampling temperature.")]
 
+_QUALITY = "Pair quality"
+CHECKS = ("question_mark", "refusal", "restated")
+"""Rules that ``--skip-check`` turns off (the others always apply)."""
+PromptOption = Annotated[
+    str,
+    typer.Option(
+        "--prompt",
+        help=f"Built-in prompt: {', '.join(PROMPT_NAMES)} (DataFlow style: Question:/Answer: lines).",
+        rich_help_panel=_QUALITY,
+    ),
+]
+PromptFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompt-file",
+        help="Your own prompt template (its text is part of the item id). Placeholders: {count}, "
+        "{min_pairs}, {max_pairs}, {schema}, {example}, {image_word}, {max_question_chars}, "
+        "{max_answer_chars}.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+SystemPromptOption = Annotated[
+    str | None,
+    typer.Option(
+        "--system-prompt", help="System prompt text, or @FILE; '' sends none.", rich_help_panel=_QUALITY
+    ),
+]
+MinQuestionCharsOption = Annotated[
+    int, typer.Option(help="Shortest question, in characters.", rich_help_panel=_QUALITY)
+]
+MinAnswerCharsOption = Annotated[
+    int, typer.Option(help="Shortest answer, in characters.", rich_help_panel=_QUALITY)
+]
+SkipCheckOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--skip-check",
+        help=f"Turn a pair rule off (repeatable): {', '.join(CHECKS)}.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+TriesOption = Annotated[
+    int,
+    typer.Option(
+        "--tries",
+        help="Generation requests per row at most: with too few valid pairs the model is asked again.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+VerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--verify/--no-verify",
+        help="Ask every question again without its answer; drop pairs whose answers disagree.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+
 
 def generation_params(
     model: str | None,
@@ -52,8 +110,28 @@ def generation_params(
     max_question_chars: int = 300,
     max_answer_chars: int = 500,
     temperature: float = 0.7,
+    *,
+    prompt: str = PROMPT_VERSION,
+    prompt_file: Path | None = None,
+    system_prompt: str | None = None,
+    min_question_chars: int = 8,
+    min_answer_chars: int = 1,
+    skip_checks: list[str] | None = None,
+    tries: int = 3,
+    verify: bool = False,
 ) -> GenerationParams:
+    """`GenerationParams` from command-line options; raises ``typer.BadParameter``."""
     min_pairs, max_pairs = parse_pairs(pairs)
+    if prompt not in PROMPT_NAMES:
+        raise typer.BadParameter(
+            f"{prompt!r}: expected one of {', '.join(PROMPT_NAMES)}", param_hint="--prompt"
+        )
+    skipped = set(skip_checks or ())
+    unknown = skipped - set(CHECKS)
+    if unknown:
+        raise typer.BadParameter(
+            f"{', '.join(sorted(unknown))}: expected {', '.join(CHECKS)}", param_hint="--skip-check"
+        )
     try:
         return GenerationParams(
             model=model,
@@ -63,9 +141,32 @@ def generation_params(
             max_question_chars=max_question_chars,
             max_answer_chars=max_answer_chars,
             temperature=temperature,
+            prompt_version=prompt,
+            prompt_template=_read_text(prompt_file, "--prompt-file") if prompt_file else None,
+            system_prompt=_text_or_file(system_prompt),
+            min_question_chars=min_question_chars,
+            min_answer_chars=min_answer_chars,
+            require_question_mark="question_mark" not in skipped,
+            reject_refusals="refusal" not in skipped,
+            reject_restated="restated" not in skipped,
+            generation_tries=tries,
+            verify=verify,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+def _text_or_file(value: str | None) -> str | None:
+    if value is None or not value.startswith("@"):
+        return value
+    return _read_text(Path(value[1:]), "--system-prompt")
+
+
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {path}: {e}", param_hint=option) from None
 
 
 def fail(error: Exception) -> typer.Exit:
@@ -91,17 +192,39 @@ def enqueue(
     ] = None,
     on_done_task: Annotated[str | None, typer.Option(help="Celery task sent when the job finishes.")] = None,
     on_done_queue: Annotated[str, typer.Option(help="Queue of --on-done-task.")] = "celery",
+    prompt: PromptOption = PROMPT_VERSION,
+    prompt_file: PromptFileOption = None,
+    system_prompt: SystemPromptOption = None,
+    min_question_chars: MinQuestionCharsOption = 8,
+    min_answer_chars: MinAnswerCharsOption = 1,
+    skip_check: SkipCheckOption = None,
+    tries: TriesOption = 3,
+    verify: VerifyOption = False,
 ) -> None:
     """Enqueue one task per input row for the workers; prints the job id."""
     settings = ProducerSettings()
+    params = generation_params(
+        model,
+        pairs,
+        max_tokens,
+        max_question_chars,
+        max_answer_chars,
+        temperature,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        system_prompt=system_prompt,
+        min_question_chars=min_question_chars,
+        min_answer_chars=min_answer_chars,
+        skip_checks=skip_check,
+        tries=tries,
+        verify=verify,
+    )
     try:
         summary = enqueue_file(
             input_path,
             output,
             settings=settings,
-            params=generation_params(
-                model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature
-            ),
+            params=params,
             job_id=job_id,
             input_format=input_format,
             on_done_task=on_done_task,
@@ -171,6 +294,12 @@ def describe(st: JobStatus) -> str:
         text += f", about {st.eta_s:.0f} s left"
     if st.failures:
         text += "; failures: " + ", ".join(f"{code} {n}" for code, n in sorted(st.failures.items()))
+    if st.rejected:
+        text += f"; {st.qa.get('pairs', 0)} pairs kept, rejected: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(st.rejected.items())
+        )
+    if st.agreement_rate is not None:
+        text += f"; verification agreement {st.agreement_rate:.0%}"
     return text + f" -> {st.output_path}"
 
 
@@ -188,9 +317,16 @@ def cancel(job: Annotated[str, typer.Argument(help="Job id.")]) -> None:
 
 
 def wait_for_job(
-    r: redis.Redis, job_id: str, out: Console, poll_s: float = 0.25, alive: Callable[[], bool] = lambda: True
+    r: redis.Redis,
+    job_id: str,
+    out: Console,
+    poll_s: float = 0.25,
+    alive: Callable[[], bool] = lambda: True,
+    stall_timeout_s: float | None = None,
 ) -> JobStatus:
-    """Shows a progress bar until the job is done; ``alive`` returning False aborts the wait."""
+    """Shows a progress bar until the job is done. ``alive`` returning False, or no row finishing for
+    ``stall_timeout_s``, aborts the wait with `ImageQAError`."""
+    last_done, last_change = -1, time.monotonic()
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -210,6 +346,10 @@ def wait_for_job(
                 return st
             if not alive():
                 raise ImageQAError("the worker stopped before the job was done")
+            if st.done != last_done:
+                last_done, last_change = st.done, time.monotonic()
+            elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:
+                raise ImageQAError(f"no row finished for {stall_timeout_s:.0f} s; giving up on job {job_id}")
             time.sleep(poll_s)
 
 

@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from producer.errors import ContractError
 
 SCHEMA_VERSION: Literal[1] = 1
-PROMPT_VERSION = "qa-v1"
+PROMPT_VERSION = "qa-v2"
 """Version of the default prompt; part of every item id, so a new prompt regenerates everything."""
+PROMPT_NAMES = ("qa-v2", "qa-v1", "dataflow")
+"""Built-in prompts a worker knows (``prompt_version``): the default JSON prompt, its first version, and
+a DataFlow-style prompt that asks for ``Question: ... Answer: ...`` lines."""
+MAX_PROMPT_CHARS = 20_000
+"""Longest user prompt template or system prompt, in characters."""
 
 MAX_IMAGES_PER_ROW = 16
 MAX_IMAGE_REF_CHARS = 8 * 1024 * 1024
@@ -37,7 +42,25 @@ class GenerationParams(_Frozen):
     model: str | None = Field(
         default=None, description="Model the producer expects; null means whatever the worker serves."
     )
-    prompt_version: str = PROMPT_VERSION
+    prompt_version: str = Field(
+        default=PROMPT_VERSION,
+        min_length=1,
+        max_length=64,
+        description="Built-in prompt (see PROMPT_NAMES); ignored when prompt_template is set.",
+    )
+    prompt_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="A user prompt that replaces the built-in one. Placeholders: {count}, {min_pairs}, "
+        "{max_pairs}, {schema} (the JSON schema of the answer), {example}, {image_word} "
+        "(image/images), {max_question_chars}, {max_answer_chars}; other braces stay as written.",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Replaces the default system prompt; an empty string sends no system message.",
+    )
     min_pairs: int = Field(default=3, ge=1, le=50)
     max_pairs: int = Field(default=5, ge=1, le=50)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
@@ -45,11 +68,34 @@ class GenerationParams(_Frozen):
     max_tokens: int = Field(default=1024, ge=16, le=32768)
     max_question_chars: int = Field(default=300, ge=8, le=4000)
     max_answer_chars: int = Field(default=500, ge=1, le=8000)
+    min_question_chars: int = Field(default=8, ge=1, le=4000)
+    min_answer_chars: int = Field(default=1, ge=1, le=8000)
+    require_question_mark: bool = Field(default=True, description="A question must end with '?'.")
+    reject_refusals: bool = Field(
+        default=True, description="Reject refusals and non-answers ('I cannot ...', 'unknown', ...)."
+    )
+    reject_restated: bool = Field(default=True, description="Reject an answer that repeats its question.")
+    generation_tries: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Generation requests per item at most: while fewer than min_pairs valid pairs are "
+        "collected the model is asked again and the valid pairs of all tries are merged.",
+    )
+    verify: bool = Field(
+        default=False,
+        description="Ask the model each question again without the answer; drop pairs whose answers "
+        "disagree.",
+    )
 
     @model_validator(mode="after")
     def _pairs_range(self) -> GenerationParams:
         if self.min_pairs > self.max_pairs:
             raise ValueError(f"min_pairs ({self.min_pairs}) is greater than max_pairs ({self.max_pairs})")
+        for name in ("question", "answer"):
+            low, high = getattr(self, f"min_{name}_chars"), getattr(self, f"max_{name}_chars")
+            if low > high:
+                raise ValueError(f"min_{name}_chars ({low}) is greater than max_{name}_chars ({high})")
         return self
 
     def fingerprint(self) -> str:
@@ -101,6 +147,15 @@ class ErrorInfo(_Frozen):
     message: str
 
 
+class QAStats(_Frozen):
+    """How one item's pairs came about; the collector adds these up in the job's counters."""
+
+    tries: int = Field(default=0, ge=0, description="Generation requests sent to the engine.")
+    rejected: dict[str, int] = Field(default_factory=dict, description="Rejected pairs by reason.")
+    verified: int = Field(default=0, ge=0, description="Pairs put to the verification pass.")
+    agreed: int = Field(default=0, ge=0, description="Verified pairs whose two answers agreed.")
+
+
 class ResultRecord(_Frozen):
     """What a worker (or a producer, for a row it could not enqueue) appends to the results stream."""
 
@@ -111,6 +166,7 @@ class ResultRecord(_Frozen):
     row: Any
     qa_pairs: list[QAPair] | None = None
     error: ErrorInfo | None = None
+    qa_stats: QAStats | None = None
     model: str | None = None
     worker: str | None = None
     elapsed_s: float | None = None

@@ -35,6 +35,16 @@ class JobStatus:
 
     failures: dict[str, int] = field(default_factory=dict)
     """Failed rows by error code."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rejected question-answer pairs by reason (over all rows, written or failed)."""
+    qa: dict[str, int] = field(default_factory=dict)
+    """Pair counters: ``pairs`` written, generation ``tries``, ``verified`` and ``agreed`` pairs."""
+
+    @property
+    def agreement_rate(self) -> float | None:
+        """Share of verified pairs whose answers agreed; None without a verification pass."""
+        verified = self.qa.get("verified", 0)
+        return round(self.qa.get("agreed", 0) / verified, 4) if verified else None
 
     @property
     def finished(self) -> bool:
@@ -56,6 +66,7 @@ class JobStatus:
             "done": self.done,
             "rate_per_s": round(self.rate_per_s, 3),
             "eta_s": self.eta_s,
+            "agreement_rate": self.agreement_rate,
         }
 
 
@@ -145,6 +156,8 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         created_at=float(h.get("created_at", 0)),
         finished_at=float(h["finished_at"]) if "finished_at" in h else None,
         failures={key[7:]: int(v) for key, v in h.items() if key.startswith("failed:")},
+        rejected={key[9:]: int(v) for key, v in h.items() if key.startswith("rejected:")},
+        qa={key[3:]: int(v) for key, v in h.items() if key.startswith("qa:")},
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import redis
@@ -43,10 +44,18 @@ def runtime() -> EngineRuntime:
     return _state["runtime"]
 
 
+_redis_lock = threading.Lock()
+
+
 def results_client() -> redis.Redis:
-    if "redis" not in _state:
-        _state["redis"] = redis_client(settings.redis_url)
-    return _state["redis"]
+    """One client (a thread-safe connection pool) for every task thread of this process."""
+    client = _state.get("redis")
+    if client is None:
+        with _redis_lock:  # two racing threads must not each make one and drop the other's connections
+            client = _state.get("redis")
+            if client is None:
+                client = _state["redis"] = redis_client(settings.redis_url)
+    return client
 
 
 def start_engine(worker_settings: WorkerSettings) -> EngineRuntime:

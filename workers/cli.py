@@ -14,10 +14,18 @@ import typer
 from producer.cli import (
     AnswerCharsOption,
     MaxTokensOption,
+    MinAnswerCharsOption,
+    MinQuestionCharsOption,
     ModelOption,
     PairsOption,
+    PromptFileOption,
+    PromptOption,
     QuestionCharsOption,
+    SkipCheckOption,
+    SystemPromptOption,
     TemperatureOption,
+    TriesOption,
+    VerifyOption,
     app,
     console,
     fail,
@@ -25,9 +33,10 @@ from producer.cli import (
     setup_logging,
     wait_for_job,
 )
+from producer.contract import PROMPT_VERSION
 from producer.errors import ImageQAError
 
-EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (default) or fake.")]
+EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (default), openai or fake.")]
 
 
 @app.command()
@@ -80,6 +89,30 @@ def collect(loglevel: str = "INFO") -> None:
 
 
 @app.command()
+def healthcheck(
+    role: Annotated[str, typer.Argument(help="worker or collector.")],
+    timeout_s: Annotated[float, typer.Option(help="worker: seconds to wait for the ping reply.")] = 5.0,
+    max_idle_s: Annotated[
+        float, typer.Option(help="collector: longest time since it last read the results stream.")
+    ] = 60.0,
+) -> None:
+    """Exit 0 if this host's worker answers a ping, or the collector is reading; for container health
+    checks. Settings from IMAGEQA_* (the same as the process being checked)."""
+    from producer.settings import RedisSettings
+    from workers.health import check_collector, check_worker
+    from workers.settings import CollectorSettings
+
+    if role == "worker":
+        health = check_worker(RedisSettings(), timeout_s)
+    elif role == "collector":
+        health = check_collector(CollectorSettings(), max_idle_s)
+    else:
+        raise typer.BadParameter(f"{role!r}: expected worker or collector", param_hint="ROLE")
+    typer.echo(f"{'ok' if health.ok else 'unhealthy'}: {health.detail}")
+    raise typer.Exit(0 if health.ok else 1)
+
+
+@app.command()
 def run(
     input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL.")],
@@ -88,16 +121,42 @@ def run(
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
     input_format: Annotated[str | None, typer.Option("--format")] = None,
+    stall_timeout_s: Annotated[
+        float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
+    ] = 3600.0,
     max_tokens: MaxTokensOption = 1024,
     max_question_chars: QuestionCharsOption = 300,
     max_answer_chars: AnswerCharsOption = 500,
     temperature: TemperatureOption = 0.7,
+    prompt: PromptOption = PROMPT_VERSION,
+    prompt_file: PromptFileOption = None,
+    system_prompt: SystemPromptOption = None,
+    min_question_chars: MinQuestionCharsOption = 8,
+    min_answer_chars: MinAnswerCharsOption = 1,
+    skip_check: SkipCheckOption = None,
+    tries: TriesOption = 3,
+    verify: VerifyOption = False,
 ) -> None:
     """Run the whole system on this box: Redis (embedded unless IMAGEQA_REDIS_URL answers), a worker,
     the collector and the producer; exits 0 when every row is written or failed."""
     from workers.local import LocalCluster
 
-    params = generation_params(model, pairs, max_tokens, max_question_chars, max_answer_chars, temperature)
+    params = generation_params(
+        model,
+        pairs,
+        max_tokens,
+        max_question_chars,
+        max_answer_chars,
+        temperature,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        system_prompt=system_prompt,
+        min_question_chars=min_question_chars,
+        min_answer_chars=min_answer_chars,
+        skip_checks=skip_check,
+        tries=tries,
+        verify=verify,
+    )
     try:
         with LocalCluster(
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
@@ -107,13 +166,100 @@ def run(
             log=console,
         ) as cluster:
             summary = cluster.enqueue(input_path, output, params, input_format=input_format)
-            st = wait_for_job(cluster.redis, summary.job_id, console, alive=cluster.worker_alive)
+            try:
+                st = wait_for_job(
+                    cluster.redis,
+                    summary.job_id,
+                    console,
+                    alive=cluster.worker_alive,
+                    stall_timeout_s=stall_timeout_s or None,
+                )
+            except ImageQAError as e:
+                raise ImageQAError(
+                    f"{e.message}\nlast lines of the worker log:\n{cluster.worker_log_tail()}"
+                ) from e
     except ImageQAError as e:
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
+    rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(st.rejected.items())) or "none"
+    console.print(
+        f"pairs: {st.qa.get('pairs', 0)} kept in {st.qa.get('tries', 0)} generation requests; "
+        f"rejected: {rejected}"
+    )
+    if st.agreement_rate is not None:
+        console.print(f"verification: {st.agreement_rate:.0%} of {st.qa.get('verified', 0)} answers agreed")
     console.print(f"output: {st.output_path}")
     if st.failed:
         console.print(f"errors: {st.errors_path}")
+
+
+@app.command("parse-qa")
+def parse_qa(
+    file: Annotated[
+        Path, typer.Argument(help="One raw model output per line, as a JSON string ('-': stdin).")
+    ],
+    pairs: PairsOption = "3-5",
+    max_question_chars: QuestionCharsOption = 300,
+    max_answer_chars: AnswerCharsOption = 500,
+    min_question_chars: MinQuestionCharsOption = 8,
+    min_answer_chars: MinAnswerCharsOption = 1,
+    skip_check: SkipCheckOption = None,
+) -> None:
+    """Check raw model outputs offline, as a worker would: parse each leniently (JSON, fenced JSON,
+    Question:/Answer: text, Q1:/A1:, numbered lists) and apply the pair rules. Prints one JSON line
+    per output: the valid pairs, the rejected ones with their reasons, and whether there are enough;
+    a summary goes to stderr."""
+    import sys
+    from collections import Counter
+
+    import orjson
+
+    from workers.qa import check_output
+
+    params = generation_params(
+        None,
+        pairs,
+        max_question_chars=max_question_chars,
+        max_answer_chars=max_answer_chars,
+        min_question_chars=min_question_chars,
+        min_answer_chars=min_answer_chars,
+        skip_checks=skip_check,
+    )
+    try:
+        lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(e) from None
+    totals: Counter[str] = Counter()
+    outputs = enough = kept = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raw = line  # not JSON: the line itself is the output
+        text = raw if isinstance(raw, str) else line
+        check = check_output(text, params)
+        ok = len(check.pairs) >= params.min_pairs
+        outputs, enough, kept = outputs + 1, enough + ok, kept + len(check.pairs)
+        totals.update(check.reasons())
+        report = {
+            "line": number,
+            "ok": ok,
+            "shape": check.shape,
+            "qa_pairs": [p.model_dump() for p in check.pairs],
+            "rejected": [
+                {"reason": r.reason, "question": r.question, "answer": r.answer} for r in check.rejected
+            ],
+            "reasons": check.reasons(),
+        }
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    sys.stdout.flush()
+    counted = ", ".join(f"{reason} {n}" for reason, n in sorted(totals.items())) or "none"
+    console.print(
+        f"{outputs} outputs: {enough} with at least {params.min_pairs} valid pairs, {kept} pairs kept; "
+        f"rejected: {counted}"
+    )
 
 
 def main() -> None:

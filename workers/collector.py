@@ -19,6 +19,8 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,8 @@ class Collector:
         pipe.hincrby(k.job_key(job_id), "failed", len(batch.failed))
         for rec in batch.failed:
             pipe.hincrby(k.job_key(job_id), f"failed:{rec.error.code}", 1)  # type: ignore[union-attr]
+        for name, count in _qa_counters(batch.records.values()).items():
+            pipe.hincrby(k.job_key(job_id), name, count)
         pipe.delete(k.job_writing_key(job_id))
 
     def _config(self, job_id: str) -> dict[str, str]:
@@ -249,6 +253,20 @@ class Collector:
                 log.info("job %s was not registered; writing it to %s", job_id, config["output_path"])
             self._configs[job_id] = config
         return self._configs[job_id]
+
+
+def _qa_counters(records: Iterable[ResultRecord]) -> Counter[str]:
+    """Job counters of pair quality: pairs written, generation tries, rejected pairs by reason
+    (``rejected:<reason>``) and the verification pass (``qa:verified``, ``qa:agreed``)."""
+    counts: Counter[str] = Counter()
+    for rec in records:
+        counts["qa:pairs"] += len(rec.qa_pairs or ())
+        if rec.qa_stats is not None:
+            counts["qa:tries"] += rec.qa_stats.tries
+            counts["qa:verified"] += rec.qa_stats.verified
+            counts["qa:agreed"] += rec.qa_stats.agreed
+            counts.update({f"rejected:{reason}": n for reason, n in rec.qa_stats.rejected.items()})
+    return +counts  # drops zero counts
 
 
 def _size(path: str) -> int:

@@ -167,4 +167,3 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
             )
         self.console.print(f"worker started (pid {self._worker.pid}); log: {self.worker_log}")
-

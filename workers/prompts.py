@@ -1,39 +1,165 @@
-"""The default prompt and the JSON schema that constrains the model's answer."""
+"""Prompts and the JSON schemas that constrain the model's answer.
+
+A prompt is a built-in template named by ``GenerationParams.prompt_version`` or the user's own
+``prompt_template``; either way its text is part of the item id. Built-in templates declare whether
+the answer is JSON (then the request carries `qa_schema`, and engines with constrained decoding can
+only write schema-valid output) or free text (no schema; `workers.parsing` reads whatever comes).
+
+The schema encodes every pair rule that a pattern can express (length bounds, no blank or
+whitespace-padded strings, a letter or digit, a final question mark), so constrained decoding cannot
+produce a pair that `workers.qa` would reject for those reasons. Patterns are written for
+llguidance (vLLM's ``guidance`` backend): ``\\w`` is ASCII there, hence ``\\p{L}\\p{N}``.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from producer.contract import PROMPT_VERSION, GenerationParams
+from producer.contract import GenerationParams
+from producer.errors import ImageQAError
 
 SYSTEM_PROMPT = "You are a careful annotator who writes question-answer pairs about images."
+QUESTION_MARKS = "?\uff1f\u061f"
+"""Characters that end a question: ASCII, full-width (CJK) and Arabic."""
+GREEDY_RETRY_TEMPERATURE = 0.7
+"""A regeneration with temperature 0 would repeat the same answer; it samples at this temperature."""
+VERIFY_TEMPERATURE = 0.0
+"""The verification pass takes the model's most likely answer."""
 
-_TEMPLATES = {
-    PROMPT_VERSION: (
-        "Look at the image{plural}. Write {count} diverse question-answer pairs about what is visible: "
+# Words of visible characters (no space, no control character) separated by single spaces, without
+# padding, with at least one letter or digit: what `workers.qa` keeps after collapsing whitespace.
+_CHAR = r"[^\s\p{Cc}]"
+_WORDS = rf"(?:{_CHAR}+ )*{_CHAR}*[\p{{L}}\p{{N}}]{_CHAR}*(?: {_CHAR}+)*"
+_EXAMPLE = '{"qa_pairs": [{"question": "...", "answer": "..."}]}'
+
+
+class PromptError(ImageQAError):
+    """Raised when a task names an unknown prompt."""
+
+    code = "prompt_invalid"
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str
+    json_output: bool
+    """True: the answer is JSON and the request carries the schema. False: free text."""
+    system_prompt: str = SYSTEM_PROMPT
+
+
+_TEMPLATES: dict[str, Template] = {
+    "qa-v2": Template(
+        "Look at the {image_word}. Write {count} question-answer pairs about what is visible, each of "
+        "a different kind where possible: objects and their counts, colours and other attributes, "
+        "spatial relations between things, the scene and the activity in it, and any visible text. "
+        "Every question must be answerable from the {image_word} alone, without outside knowledge, "
+        "must end with a question mark and must differ from the others. Every answer must be short, "
+        "specific and correct: never a refusal, a placeholder or the question repeated. "
+        "Reply with JSON only, in the form {example}.",
+        json_output=True,
+    ),
+    # The first default, kept so that tasks enqueued with it still run.
+    "qa-v1": Template(
+        "Look at the {image_word}. Write {count} diverse question-answer pairs about what is visible: "
         "objects and counts, colours and attributes, spatial relations, the scene and activity, and any "
-        "visible text. Each question must be answerable from the image{plural} alone and end with a "
+        "visible text. Each question must be answerable from the {image_word} alone and end with a "
         "question mark; each answer must be short and correct. Reply with JSON only, in the form "
-        '{{"qa_pairs": [{{"question": "...", "answer": "..."}}]}}.'
+        "{example}.",
+        json_output=True,
+    ),
+    # DataFlow's own style: a description first, then plain-text pairs (parsed leniently).
+    "dataflow": Template(
+        "Please provide a detailed and comprehensive description of the {image_word}, then extract "
+        "{count} question-answer pairs from it. Each question must be answerable from the "
+        "{image_word} alone and end with a question mark. Return each pair on its own line in the "
+        "format: Question: <question>, Answer: <answer>",
+        json_output=False,
+        system_prompt="You are an image caption generator and question-answer pair extractor. Describe "
+        "the image with its main content and details, then extract question-answer pairs whose answers "
+        "come from that description.",
     ),
 }
+_PLACEHOLDER = re.compile(
+    r"\{(count|min_pairs|max_pairs|schema|example|image_word|max_question_chars|max_answer_chars)\}"
+)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Everything a generation request needs besides the images."""
+
+    text: str
+    system_prompt: str | None
+    json_schema: dict[str, Any] | None
+
+
+def prompt_spec(params: GenerationParams, n_images: int) -> PromptSpec:
+    """The prompt for ``params``: the user's template if set, else the named built-in one.
+
+    Raises `PromptError` (``prompt_invalid``) for an unknown built-in name.
+    """
+    template = _template(params)
+    schema = qa_schema(params) if template.json_output else None
+    system = template.system_prompt if params.system_prompt is None else params.system_prompt
+    return PromptSpec(
+        text=render(template.text, params, n_images),
+        system_prompt=system or None,
+        json_schema=schema,
+    )
+
+
+def _template(params: GenerationParams) -> Template:
+    if params.prompt_template is not None:
+        return Template(params.prompt_template, json_output=True)
+    try:
+        return _TEMPLATES[params.prompt_version]
+    except KeyError:
+        known = ", ".join(_TEMPLATES)
+        raise PromptError(f"unknown prompt {params.prompt_version!r} (known: {known})") from None
+
+
+def render(template: str, params: GenerationParams, n_images: int) -> str:
+    """Fills the known ``{placeholders}``; any other brace (a JSON example, say) stays as written."""
+    values = {
+        "count": pair_count(params),
+        "min_pairs": str(params.min_pairs),
+        "max_pairs": str(params.max_pairs),
+        "schema": json.dumps(qa_schema(params), ensure_ascii=False, separators=(",", ":")),
+        "example": _EXAMPLE,
+        "image_word": "images" if n_images > 1 else "image",
+        "max_question_chars": str(params.max_question_chars),
+        "max_answer_chars": str(params.max_answer_chars),
+    }
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def build_prompt(params: GenerationParams, n_images: int) -> str:
-    try:
-        template = _TEMPLATES[params.prompt_version]
-    except KeyError as e:
-        raise ValueError(f"unknown prompt version {params.prompt_version!r}") from e
-    count = (
-        str(params.min_pairs)
-        if params.min_pairs == params.max_pairs
-        else f"{params.min_pairs} to {params.max_pairs}"
-    )
-    return template.format(count=count, plural="s" if n_images > 1 else "")
+    """The prompt text of the first request (see `prompt_spec`)."""
+    return prompt_spec(params, n_images).text
+
+
+def pair_count(params: GenerationParams) -> str:
+    if params.min_pairs == params.max_pairs:
+        return str(params.min_pairs)
+    return f"{params.min_pairs} to {params.max_pairs}"
+
+
+def retry_prompt(text: str, accepted_questions: Sequence[str]) -> str:
+    """The prompt of a regeneration: the same request, asking for questions not yet accepted."""
+    if not accepted_questions:
+        return text
+    listed = "\n".join(f"- {q}" for q in accepted_questions)
+    return f"{text}\n\nThese questions are taken already; write different ones:\n{listed}"
 
 
 def qa_schema(params: GenerationParams) -> dict[str, Any]:
-    """Every string has ``maxLength``: without it random or rambling output runs to max_tokens."""
+    """The answer's JSON schema. Every string has ``maxLength``: without it random or rambling output
+    runs to max_tokens."""
+    question = _text(params.min_question_chars, params.max_question_chars, params.require_question_mark)
     return {
         "type": "object",
         "properties": {
@@ -44,8 +170,8 @@ def qa_schema(params: GenerationParams) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "properties": {
-                        "question": _text(params.max_question_chars),
-                        "answer": _text(params.max_answer_chars),
+                        "question": question,
+                        "answer": _text(params.min_answer_chars, params.max_answer_chars, False),
                     },
                     "required": ["question", "answer"],
                     "additionalProperties": False,
@@ -57,6 +183,33 @@ def qa_schema(params: GenerationParams) -> dict[str, Any]:
     }
 
 
-def _text(max_chars: int) -> dict[str, Any]:
-    # "pattern" (unanchored) demands one non-space character: no blank strings.
-    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": "\\S"}
+def verify_spec(params: GenerationParams, question: str, n_images: int) -> PromptSpec:
+    """The verification request: the question alone, answered again without the generated answer."""
+    image_word = "images" if n_images > 1 else "image"
+    text = (
+        f"Look at the {image_word} and answer this question about it in a few words, from what is "
+        f"visible only.\nQuestion: {question}\n"
+    )
+    if _template(params).json_output:
+        schema: dict[str, Any] | None = {
+            "type": "object",
+            "properties": {"answer": _text(params.min_answer_chars, params.max_answer_chars, False)},
+            "required": ["answer"],
+            "additionalProperties": False,
+        }
+        text += 'Reply with JSON only, in the form {"answer": "..."}.'
+    else:
+        schema = None
+        text += "Reply with the answer only."
+    system = SYSTEM_PROMPT if params.system_prompt is None else params.system_prompt
+    return PromptSpec(text=text, system_prompt=system or None, json_schema=schema)
+
+
+def _text(min_chars: int, max_chars: int, question: bool) -> dict[str, Any]:
+    end = f"[{QUESTION_MARKS}]" if question else ""
+    return {
+        "type": "string",
+        "minLength": min_chars,
+        "maxLength": max_chars,
+        "pattern": f"^{_WORDS}{end}$",
+    }

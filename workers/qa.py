@@ -1,77 +1,338 @@
-"""Parsing the model's answer and checking every pair."""
+"""Checking question-answer pairs: every rejected pair gets a reason, every kept pair is clean.
+
+The rules are configured by `GenerationParams` (length bounds, and switches for the question mark,
+refusal and restatement rules) and applied by the pydantic model `CheckedPair`, whose errors carry
+the reason code as their type. Rejection reasons, in the order they are tested:
+
+``malformed`` an entry with no question or no answer text; ``question_empty``/``answer_empty`` no
+letter or digit; ``question_placeholder``/``answer_placeholder`` template text (``<question>``,
+``N/A``, ``...``); ``question_refusal``/``answer_refusal`` a refusal or non-answer (``I cannot ...``,
+``unknown``, ``as an AI ...``); ``question_too_short``/``question_too_long``/``answer_too_short``/
+``answer_too_long`` length bounds (after whitespace is collapsed); ``not_a_question`` no final
+question mark; ``answer_restates_question`` the answer is the question again; ``duplicate_question``
+the same question as a kept one (after normalisation); ``over_max_pairs`` beyond ``max_pairs``;
+``unverified`` the verification pass answered differently. ``unparseable`` counts outputs with
+no pairs at all.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from producer.contract import GenerationParams, QAPair
+from producer.contract import GenerationParams, QAPair, QAStats
 from producer.errors import QAValidationError
+from workers.parsing import parse_qa_output
 
-_SPACE = re.compile(r"\s+")
-_PUNCT = re.compile(r"[^\w\s]")
+REASONS = frozenset(
+    {
+        "unparseable", "malformed", "question_empty", "answer_empty", "question_placeholder",
+        "answer_placeholder", "question_refusal", "answer_refusal", "question_too_short",
+        "question_too_long", "not_a_question", "answer_too_short", "answer_too_long",
+        "answer_restates_question", "duplicate_question", "over_max_pairs", "unverified",
+    }
+)  # fmt: skip
+"""Every rejection reason (stable codes: they are counted per job as ``rejected:<reason>``)."""
+_SPACE = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")  # control characters count as space
+_PUNCT = re.compile(r"[^\w\s]|_")
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'", "\u201c": '"', "\u201d": '"'})
+_PLACEHOLDERS = frozenset(
+    {
+        "n/a", "n.a.", "n.a", "n / a", "tbd", "todo", "xxx", "...", "…", "null", "undefined", "string",
+        "question", "answer", "your question", "your answer", "question here", "answer here",
+        "your question here", "your answer here", "insert question", "insert answer", "placeholder",
+        "lorem ipsum", "sample question", "sample answer",
+    }
+)  # fmt: skip
+_TEMPLATE_MARK = re.compile(
+    r"<\s*/?\s*(?:question|answer|your [^>]*|insert [^>]*)\s*>"
+    r"|\[\s*(?:question|answer|insert [^\]]*|your [^\]]*)\s*\]"
+    r"|\{\{?\s*(?:question|answer)\s*\}?\}"
+    r"|lorem ipsum",
+    re.IGNORECASE,
+)
+_REFUSAL = re.compile(
+    r"^(?:sorry|i'm sorry|i am sorry|apologies|my apologies|unfortunately)\b"
+    r"|^(?:i|we) (?:cannot|can't|can not|could not|couldn't|am unable to|'m unable to|am not able to"
+    r"|do not|don't) (?:see|view|tell|determine|identify|answer|provide|know|help|access|make out"
+    r"|read|say|be sure|process|analy[sz]e)\b"
+    r"|^(?:i|we)(?:'m| am) (?:unable|not able|not sure|uncertain)\b"
+    r"|\bas an ai\b|\b(?:ai|language) model\b"
+    r"|\b(?:no|without (?:the|an?)) image (?:is |was )?(?:provided|available|attached|given|shown)\b"
+    r"|^there is no image\b"
+)
+_NON_ANSWER = re.compile(
+    r"^(?:unknown|unclear|uncertain|not sure|unanswerable|indeterminate|not applicable"
+    r"|not (?:clearly |fully )?(?:visible|shown|discernible|determinable|specified|provided|known)"
+    r"|(?:cannot|can't|can not) (?:be )?(?:determined?|tell|say|see|know|identif(?:y|ied))"
+    r"|impossible to (?:tell|say|determine|know|see)|no (?:information|answer|way to (?:tell|know))"
+    r"|(?:it is|it's) (?:not possible|impossible|unclear|hard|difficult) to (?:tell|say|determine|know"
+    r"|see))\b"
+)
 
 
-class _RawPair(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CheckedPair(BaseModel):
+    """A pair that passed every rule. Validate with ``context={"params": GenerationParams}``; a
+    failure is a `ValidationError` whose first error type is the rejection reason."""
+
+    model_config = ConfigDict(frozen=True)
     question: str
     answer: str
 
+    @field_validator("question", "answer", mode="before")
+    @classmethod
+    def _collapse(cls, value: object) -> object:
+        return _SPACE.sub(" ", value).strip() if isinstance(value, str) else value
 
-class _RawAnswer(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    qa_pairs: list[_RawPair]
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> CheckedPair:
+        params: GenerationParams = (info.context or {}).get("params") or GenerationParams()
+        reason = rejection_reason(self.question, self.answer, params)
+        if reason is not None:
+            raise PydanticCustomError(reason, "pair rejected: {reason}", {"reason": reason})
+        return self
+
+
+def rejection_reason(question: str, answer: str, params: GenerationParams) -> str | None:
+    """The first rule that the (whitespace-collapsed) pair breaks, or None. Duplicates and the pair
+    count are rules over many pairs: see `check_pairs`."""
+    q_norm, a_norm = normal(question), normal(answer)
+    if not q_norm:
+        return "question_empty"
+    if not a_norm:
+        return "answer_empty"
+    if _is_placeholder(question):
+        return "question_placeholder"
+    if _is_placeholder(answer):
+        return "answer_placeholder"
+    if params.reject_refusals and _is_refusal(question):
+        return "question_refusal"
+    if params.reject_refusals and (_is_refusal(answer) or _NON_ANSWER.search(_canonical(answer))):
+        return "answer_refusal"
+    if len(question) < params.min_question_chars:
+        return "question_too_short"
+    if len(question) > params.max_question_chars:
+        return "question_too_long"
+    if params.require_question_mark and not question.endswith(("?", "\uff1f", "\u061f")):
+        return "not_a_question"
+    if len(answer) < params.min_answer_chars:
+        return "answer_too_short"
+    if len(answer) > params.max_answer_chars:
+        return "answer_too_long"
+    if params.reject_restated and (
+        a_norm == q_norm or (len(q_norm.split()) >= 3 and f" {q_norm} " in f" {a_norm} ")
+    ):
+        return "answer_restates_question"
+    return None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    question: str = ""
+    answer: str = ""
 
 
 @dataclass
 class QACheck:
+    """The outcome of checking one model output: kept pairs, rejected pairs, and the output's shape."""
+
     pairs: list[QAPair]
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    """(reason, question) for each dropped pair."""
+    rejected: list[Rejection] = field(default_factory=list)
+    shape: str = "json"
+
+    def reasons(self) -> dict[str, int]:
+        return dict(Counter(r.reason for r in self.rejected))
 
 
-def parse_and_check(text: str, params: GenerationParams) -> QACheck:
-    """Parses a JSON answer and keeps the valid pairs; raises `QAValidationError` if too few remain."""
-    try:
-        raw = _RawAnswer.model_validate(orjson.loads(text))
-    except (orjson.JSONDecodeError, ValidationError) as e:
-        raise QAValidationError(f"model answer is not the expected JSON: {str(e)[:300]}") from e
-    check = QACheck(pairs=[])
-    seen: set[str] = set()
-    for pair in raw.qa_pairs:
-        question = _SPACE.sub(" ", pair.question).strip()
-        answer = _SPACE.sub(" ", pair.answer).strip()
-        reason = _reject_reason(question, answer, params, seen)
-        if reason:
-            check.rejected.append((reason, question))
-            continue
-        seen.add(_normal(question))
-        check.pairs.append(QAPair(question=question, answer=answer))
-    check.pairs = check.pairs[: params.max_pairs]
-    if len(check.pairs) < params.min_pairs:
-        reasons = ", ".join(sorted({reason for reason, _ in check.rejected})) or "too few pairs"
-        raise QAValidationError(
-            f"{len(check.pairs)} valid pairs, need at least {params.min_pairs} (rejected: {reasons})"
-        )
+def check_output(text: str, params: GenerationParams, seen: set[str] | None = None) -> QACheck:
+    """Parses a raw model output leniently and checks its pairs. Never raises.
+
+    ``seen`` holds normalised questions already kept (by an earlier try): repeats are duplicates.
+    """
+    parsed = parse_qa_output(text)
+    check = check_pairs(parsed.pairs, params, seen)
+    check.shape = parsed.shape
+    check.rejected[:0] = [Rejection("malformed")] * parsed.malformed
+    if not parsed.pairs and not parsed.malformed:
+        check.rejected.append(Rejection("unparseable"))
     return check
 
 
-def _reject_reason(question: str, answer: str, params: GenerationParams, seen: set[str]) -> str | None:
-    if not question:
-        return "question_empty"
-    if not answer:
-        return "answer_empty"
-    if len(question) > params.max_question_chars:
-        return "question_too_long"
-    if len(answer) > params.max_answer_chars:
-        return "answer_too_long"
-    if _normal(question) in seen:
-        return "question_duplicate"
+def check_pairs(
+    pairs: Iterable[tuple[str, str]], params: GenerationParams, seen: set[str] | None = None
+) -> QACheck:
+    """Keeps the pairs that pass every rule, in order; at most ``max_pairs``."""
+    check = QACheck(pairs=[])
+    seen = set(seen or ())
+    for question, answer in pairs:
+        try:
+            pair = CheckedPair.model_validate(
+                {"question": question, "answer": answer}, context={"params": params}
+            )
+        except ValidationError as e:
+            reason = e.errors()[0]["type"]
+            reason = reason if reason in REASONS else "malformed"
+            check.rejected.append(Rejection(reason, _short(question), _short(answer)))
+            continue
+        key = normal(pair.question)
+        if key in seen:
+            check.rejected.append(Rejection("duplicate_question", pair.question, pair.answer))
+            continue
+        if len(check.pairs) >= params.max_pairs:
+            check.rejected.append(Rejection("over_max_pairs", pair.question, pair.answer))
+            continue
+        seen.add(key)
+        check.pairs.append(QAPair(question=pair.question, answer=pair.answer))
+    return check
+
+
+def parse_and_check(text: str, params: GenerationParams) -> QACheck:
+    """`check_output`, raising `QAValidationError` (``qa_invalid``) with the reasons when fewer than
+    ``min_pairs`` pairs pass."""
+    check = check_output(text, params)
+    if len(check.pairs) < params.min_pairs:
+        raise shortage(len(check.pairs), params, check.reasons())
+    return check
+
+
+def shortage(valid: int, params: GenerationParams, reasons: dict[str, int]) -> QAValidationError:
+    counted = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
+    return QAValidationError(f"{valid} valid pairs, need at least {params.min_pairs} (rejected: {counted})")
+
+
+class PairPool:
+    """The pairs of one item, merged over several tries, with the tally of what was rejected."""
+
+    def __init__(self, params: GenerationParams) -> None:
+        self.params = params
+        self.pairs: list[QAPair] = []
+        self.seen: set[str] = set()
+        self.reasons: Counter[str] = Counter()
+        self.tries = 0
+        self.verified = 0
+        self.agreed = 0
+
+    @property
+    def enough(self) -> bool:
+        return len(self.pairs) >= self.params.min_pairs
+
+    def reject(self, rejections: Iterable[Rejection]) -> None:
+        self.reasons.update(r.reason for r in rejections)
+
+    def accept(self, pairs: Iterable[QAPair]) -> None:
+        for pair in pairs:
+            key = normal(pair.question)
+            if key in self.seen:
+                self.reasons["duplicate_question"] += 1
+            elif len(self.pairs) >= self.params.max_pairs:
+                self.reasons["over_max_pairs"] += 1
+            else:
+                self.seen.add(key)
+                self.pairs.append(pair)
+
+    def result(self) -> list[QAPair]:
+        """The pairs; raises `QAValidationError` when fewer than ``min_pairs``."""
+        if not self.enough:
+            raise shortage(len(self.pairs), self.params, dict(self.reasons))
+        return list(self.pairs)
+
+    def stats(self) -> QAStats:
+        return QAStats(
+            tries=self.tries, rejected=dict(self.reasons), verified=self.verified, agreed=self.agreed
+        )
+
+
+# Agreement of two answers (verification pass).
+_WORD_NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+)
+_NUMBERS = {word: str(i) for i, word in enumerate(_WORD_NUMBERS.split(" "))}
+_NUMBERS.update({"none": "0", "no one": "0", "nobody": "0", "single": "1", "a couple": "2", "pair": "2"})
+_FILLER = frozenset(
+    {"a", "an", "the", "is", "are", "was", "were", "be", "it", "its", "it's", "this", "that", "these"}
+    | {"those", "there", "they", "of"}
+)
+_YES = frozenset({"yes", "yeah", "yep", "true", "correct"})
+_NO = frozenset({"no", "nope", "false", "not", "incorrect"})
+AGREEMENT_MIN_F1 = 0.8
+"""Two answers agree when their content words overlap with at least this F1 (see `answers_agree`)."""
+
+
+def answers_agree(first: str, second: str) -> bool:
+    """Whether two answers to one question say the same thing.
+
+    Both are lowercased, stripped of punctuation, articles and forms of "to be", and number words
+    become digits ("Two dogs." ~ "2 dogs"). Yes/no answers agree when their polarity does. Otherwise
+    they agree when one's words all occur in the other ("Red" ~ "The car is red") or when the word
+    overlap (F1 of the two word bags) reaches `AGREEMENT_MIN_F1`: one differing word in three is
+    a disagreement ("on the left side" !~ "on the right side").
+    """
+    a, b = _answer_words(first), _answer_words(second)
+    polarity_a, polarity_b = _polarity(a), _polarity(b)
+    if polarity_a and polarity_b:
+        return polarity_a == polarity_b
+    if polarity_a or polarity_b:
+        return False
+    a, b = [w for w in a if w not in _FILLER] or a, [w for w in b if w not in _FILLER] or b
+    if not a or not b:
+        return a == b
+    if set(a) <= set(b) or set(b) <= set(a):
+        return True
+    common = sum((Counter(a) & Counter(b)).values())
+    if not common:
+        return False
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall) >= AGREEMENT_MIN_F1
+
+
+def _answer_words(text: str) -> list[str]:
+    text = " " + normal(text) + " "
+    for phrase, digit in _NUMBERS.items():
+        if " " in phrase:
+            text = text.replace(f" {phrase} ", f" {digit} ")
+    return [_NUMBERS.get(word, word) for word in text.split()]
+
+
+def _polarity(words: list[str]) -> str | None:
+    if not words:
+        return None
+    if words[0] in _YES:
+        return "yes"
+    if words[0] in _NO and (len(words) == 1 or words[0] != "not"):
+        return "no"
     return None
 
 
-def _normal(text: str) -> str:
-    return _SPACE.sub(" ", _PUNCT.sub("", text.lower())).strip()
+def normal(text: str) -> str:
+    """Lowercase, compatibility-normalised, without punctuation, single-spaced: for comparisons."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+
+
+def _canonical(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).translate(_QUOTES).lower()
+    return _SPACE.sub(" ", text).strip()
+
+
+def _is_placeholder(text: str) -> bool:
+    bare = _canonical(text).strip(" \"'*_()[]{}<>:;,.!?\uff1f-")
+    return (
+        bare in _PLACEHOLDERS or _canonical(text) in _PLACEHOLDERS or _TEMPLATE_MARK.search(text) is not None
+    )
+
+
+def _is_refusal(text: str) -> bool:
+    return _REFUSAL.search(_canonical(text)) is not None
+
+
+def _short(text: object, limit: int = 200) -> str:
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

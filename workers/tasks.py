@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import redis
+from celery.exceptions import Reject
 
 from producer import constants as k
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
@@ -23,11 +24,21 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 300.0
 """How long a finished result waits for Redis to come back before the task gives up on it."""
 EXIT_ENGINE_DEAD = 70
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _gate = IsolationGate()
 
 
 @app.task(name=k.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate(**kwargs: Any) -> None:
+    try:
+        _generate(kwargs)
+    except RETRYABLE as e:
+        # Redis stayed away longer than the retry budget: put the message back rather than lose it.
+        log.error("Redis unavailable for too long (%s); requeueing the task", e)
+        raise Reject(e, requeue=True) from e
+
+
+def _generate(kwargs: dict[str, Any]) -> None:
     try:
         message = TaskMessage.decode(kwargs)
     except ContractError as e:
@@ -81,7 +92,7 @@ def _with_redis(call: Any) -> Any:
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+        except RETRYABLE as e:
             if time.monotonic() > deadline:
                 raise
             log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay_s)

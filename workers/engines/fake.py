@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 
 import orjson
 
@@ -15,15 +16,22 @@ class FakeEngine(Engine):
     """Answers every request with deterministic pairs derived from the image content.
 
     ``faults`` maps an image size (``"13x17"``) to ``"crash"`` (the process exits at once) or ``"hang"``
-    (the request never finishes), so fault handling can be tested with real processes.
+    (the request never finishes), so fault handling can be tested with real processes. ``respond``
+    replaces the answer: it gets each request and returns the raw output (for scripted tests). A
+    verification request (a schema with a single ``answer``) is answered from the same pairs.
     """
 
     name = "fake"
 
     def __init__(
-        self, model: str = "fake", delay_s: float = 0.0, faults: dict[str, str] | None = None
+        self,
+        model: str = "fake",
+        delay_s: float = 0.0,
+        faults: dict[str, str] | None = None,
+        respond: Callable[[EngineRequest], str] | None = None,
     ) -> None:
         self.model = model
+        self.respond = respond
         self.delay_s = delay_s
         self.faults = faults or {}
         self.started = False
@@ -42,6 +50,8 @@ class FakeEngine(Engine):
                 await asyncio.sleep(3600)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.respond is not None:
+            return self.respond(request)
         digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
         sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
         pairs = [
@@ -49,6 +59,10 @@ class FakeEngine(Engine):
             {"question": "What size is the image?", "answer": sizes},
             {"question": "What colour dominates the picture?", "answer": _dominant(request)},
         ]
+        if _asks_one_answer(request):
+            known = {p["question"]: p["answer"] for p in pairs}
+            asked = next((q for q in known if q in request.prompt), None)
+            return orjson.dumps({"answer": known[asked] if asked else "unknown"}).decode()
         limits = _max_lengths(request)
         for pair in pairs:
             for key, limit in limits.items():
@@ -63,6 +77,11 @@ def _dominant(request: EngineRequest) -> str:
     pixel: tuple[int, ...] = request.images[0].convert("RGB").resize((1, 1)).getpixel((0, 0))  # type: ignore[assignment]
     r, g, b = pixel[:3]
     return max((r, "red"), (g, "green"), (b, "blue"))[1]
+
+
+def _asks_one_answer(request: EngineRequest) -> bool:
+    schema = request.json_schema or {}
+    return set(schema.get("properties", {})) == {"answer"}
 
 
 def _max_lengths(request: EngineRequest) -> dict[str, int]:
