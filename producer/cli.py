@@ -19,7 +19,7 @@ from producer.broker import check_redis, redis_client
 from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
-from producer.jobs import JobStatus, cancel_job, job_status, list_jobs
+from producer.jobs import JobStatus, cancel_job, job_status, list_jobs, nothing_in_flight
 from producer.settings import ProducerSettings
 
 app = typer.Typer(
@@ -323,10 +323,15 @@ def wait_for_job(
     poll_s: float = 0.25,
     alive: Callable[[], bool] = lambda: True,
     stall_timeout_s: float | None = None,
+    resend: Callable[[], None] | None = None,
+    resend_after_s: float = 10.0,
 ) -> JobStatus:
     """Shows a progress bar until the job is done. ``alive`` returning False, or no row finishing for
-    ``stall_timeout_s``, aborts the wait with `ImageQAError`."""
+    ``stall_timeout_s``, aborts the wait with `ImageQAError`. ``resend`` is called when the job has
+    rows missing with nothing queued, running or uncollected for ``resend_after_s`` (tasks lost in
+    transit, see `producer.jobs.nothing_in_flight`)."""
     last_done, last_change = -1, time.monotonic()
+    idle_since: float | None = None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -346,6 +351,16 @@ def wait_for_job(
                 return st
             if not alive():
                 raise ImageQAError("the worker stopped before the job was done")
+            if resend is not None and st.enqueue_complete and nothing_in_flight(r):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > resend_after_s and not job_status(r, job_id).finished:  # type: ignore[union-attr]
+                    out.print(
+                        f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
+                    )
+                    resend()
+                    idle_since = None
+            else:
+                idle_since = None
             if st.done != last_done:
                 last_done, last_change = st.done, time.monotonic()
             elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:

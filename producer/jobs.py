@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -168,6 +169,33 @@ def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
 
 SendTask = Callable[[str, str, dict[str, object]], None]
 """(task name, queue, kwargs) -> None: sends a Celery task by name."""
+
+
+KOMBU_UNACKED_KEY = "unacked"
+"""Kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""
+
+
+def nothing_in_flight(r: redis.Redis) -> bool:
+    """True when no task is queued or running and no result waits for the collector.
+
+    A job that is not finished while this holds has lost tasks in transit: Kombu's Redis transport
+    pops a message before it records it as unacknowledged, so a worker killed in that instant takes
+    the message with it. Enqueueing the same input again sends exactly the missing rows.
+    """
+    pipe = r.pipeline(transaction=False)
+    pipe.llen(k.QUEUE_GENERATE)
+    pipe.hlen(KOMBU_UNACKED_KEY)
+    pipe.exists(k.RESULTS_STREAM)
+    queued, unacked, has_stream = pipe.execute()
+    if queued or unacked:
+        return False
+    if not has_stream:
+        return True
+    try:
+        groups: Any = r.xinfo_groups(k.RESULTS_STREAM)
+    except redis.ResponseError:
+        return True
+    return all(not (g.get("lag") or g.get("pending")) for g in groups)
 
 
 def cancel_job(r: redis.Redis, job_id: str) -> bool:

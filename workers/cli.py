@@ -173,6 +173,7 @@ def run(
                     console,
                     alive=cluster.worker_alive,
                     stall_timeout_s=stall_timeout_s or None,
+                    resend=lambda: cluster.enqueue(input_path, output, params, input_format=input_format),
                 )
             except ImageQAError as e:
                 raise ImageQAError(
