@@ -205,9 +205,14 @@ def main() -> None:
     if not args.model:
         parser.error("--model is required")
     # Greedy decoding: both paths then decode the same tokens for the same image, so the comparison
-    # measures the serving path, not how long random-weight sampling happened to ramble.
+    # measures the serving path, not how long random-weight sampling happened to ramble. One request
+    # per image on both sides: the worker's regeneration of rejected answers is switched off.
     params = GenerationParams(
-        max_question_chars=40, max_answer_chars=40, max_tokens=1024, temperature=args.temperature
+        max_question_chars=40,
+        max_answer_chars=40,
+        max_tokens=1024,
+        temperature=args.temperature,
+        generation_tries=1,
     )
 
     r = redis_client(args.redis_url)
