@@ -22,9 +22,11 @@ demo: model
 	@echo "checks, Redis, Celery, collector). Use --model Qwen/Qwen2.5-VL-3B-Instruct on a GPU for real data."
 
 test: setup
+	@bash ops/ensure_redis.sh
 	$(PY) -m pytest
 
 test-fast: setup
+	@bash ops/ensure_redis.sh
 	$(PY) -m pytest -m "not engine"
 
 lint: setup
