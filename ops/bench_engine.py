@@ -68,17 +68,13 @@ def offline_run(
     raise SystemExit(f"offline run failed:\n{done.stderr[-4000:]}")
 
 
-def async_child(spec_path: str, threads: int = 128) -> None:
-    """The control: the worker's engine runtime (AsyncLLM on a background loop) fed from a thread pool
-    directly, without Celery, Redis or the collector, so the bench can tell which side a gap is on."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _child_setup(spec_path: str):  # type: ignore[no-untyped-def]
+    """The child side of a bench path: its image list, the engine config a worker derives from the same
+    settings, and a function making the worker's first request for one image (`prompts.prompt_spec`)."""
     from workers.engines import vllm_config
     from workers.engines.base import EngineRequest, SamplingSettings
-    from workers.engines.vllm import VLLMEngine
     from workers.images import load_image
-    from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
-    from workers.runtime import EngineRuntime
+    from workers.prompts import prompt_spec
     from workers.settings import ImageSettings, WorkerSettings
 
     spec = json.loads(Path(spec_path).read_text())
@@ -88,25 +84,41 @@ def async_child(spec_path: str, threads: int = 128) -> None:
             model=spec["model"], max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"]
         )
     )
+    prompt = prompt_spec(params, 1)
     sampling = SamplingSettings(
         temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens
     )
     image_settings = ImageSettings(media_roots=[Path("/")])
+
+    def request(request_id: str, path: str) -> EngineRequest:
+        return EngineRequest(
+            request_id=request_id,
+            images=[load_image(path, image_settings)],
+            prompt=prompt.text,
+            system_prompt=prompt.system_prompt,
+            json_schema=prompt.json_schema,
+            sampling=sampling,
+        )
+
+    return spec["images"], config, request
+
+
+def async_child(spec_path: str, threads: int = 128) -> None:
+    """The control: the worker's engine runtime (AsyncLLM on a background loop) fed from a thread pool
+    directly, without Celery, Redis or the collector, so the bench can tell which side a gap is on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.engines.vllm import VLLMEngine
+    from workers.runtime import EngineRuntime
+
+    images, config, request = _child_setup(spec_path)
     runtime = EngineRuntime(VLLMEngine(config))
     runtime.start()
 
     def one(item: tuple[int, str]) -> str:
-        request = EngineRequest(
-            request_id=f"{item[0]}-{time.monotonic_ns()}",
-            images=[load_image(item[1], image_settings)],
-            prompt=build_prompt(params, 1),
-            system_prompt=SYSTEM_PROMPT,
-            json_schema=qa_schema(params),
-            sampling=sampling,
-        )
-        return runtime.run(runtime.engine.generate(request))
+        return runtime.run(runtime.engine.generate(request(f"{item[0]}-{time.monotonic_ns()}", item[1])))
 
-    items = list(enumerate(spec["images"]))
+    items = list(enumerate(images))
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, items[:8]))  # warm-up, as for the worker
         started = time.perf_counter()
@@ -118,38 +130,12 @@ def async_child(spec_path: str, threads: int = 128) -> None:
 
 def offline_child(spec_path: str) -> None:
     """The offline side: load the images as a worker does, then one ``LLM.chat`` batch over all."""
-    from workers.engines import vllm_config
-    from workers.engines.base import EngineRequest, SamplingSettings
     from workers.engines.vllm import offline_chat
-    from workers.images import load_image
-    from workers.prompts import SYSTEM_PROMPT, build_prompt, qa_schema
-    from workers.settings import ImageSettings, WorkerSettings
 
-    spec = json.loads(Path(spec_path).read_text())
-    params = GenerationParams.model_validate(spec["params"])
-    # Exactly the engine settings a worker derives from the same settings.
-    config = vllm_config(
-        WorkerSettings(
-            model=spec["model"], max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"]
-        )
-    )
-    sampling = SamplingSettings(
-        temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens
-    )
-    image_settings = ImageSettings(media_roots=[Path("/")])
+    images, config, request = _child_setup(spec_path)
     # Timed: loading the images and the batch; not timed: the engine start (as for the worker).
     started = time.perf_counter()
-    batch = [
-        EngineRequest(
-            request_id=str(i),
-            images=[load_image(p, image_settings)],
-            prompt=build_prompt(params, 1),
-            system_prompt=SYSTEM_PROMPT,
-            json_schema=qa_schema(params),
-            sampling=sampling,
-        )
-        for i, p in enumerate(spec["images"])
-    ]
+    batch = [request(str(i), path) for i, path in enumerate(images)]
     load_s = time.perf_counter() - started
     stats: dict[str, float] = {}
     outputs = offline_chat(config, batch, stats=stats)
