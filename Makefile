@@ -34,8 +34,15 @@ lint: setup
 	$(VENV)/bin/ruff format --check producer workers tests ops
 	$(VENV)/bin/mypy
 
+# Each script prints its tables and `BENCH name=value target=value` lines; the summary repeats them all.
 bench: model
-	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 3
+	@mkdir -p out
+	@bash ops/ensure_redis.sh
+	$(PY) ops/bench_shared.py | tee out/bench-shared.txt
+	$(PY) ops/bench_memory.py | tee out/bench-memory.txt
+	$(PY) ops/bench_images.py --model $(TINY_MODEL) --rounds 5 | tee out/bench-images.txt
+	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 3 | tee out/bench-engine.txt
+	@echo; echo "Summary:"; grep -h '^BENCH ' out/bench-shared.txt out/bench-memory.txt out/bench-images.txt out/bench-engine.txt
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -323,7 +323,7 @@ def wait_for_job(
     poll_s: float = 0.25,
     alive: Callable[[], bool] = lambda: True,
     stall_timeout_s: float | None = None,
-    resend: Callable[[], None] | None = None,
+    resend: Callable[[], object] | None = None,
     resend_after_s: float = 10.0,
 ) -> JobStatus:
     """Shows a progress bar until the job is done. ``alive`` returning False, or no row finishing for

@@ -128,6 +128,11 @@ class TaskMessage(_Frozen):
                 raise ValueError("image reference is empty or too long")
         return self
 
+    def summary(self) -> str:
+        """A short description for monitors (Flower's task kwargs column), cheap to build."""
+        images = ", ".join(ref if len(ref) <= 80 else ref[:40] + "..." + ref[-30:] for ref in self.images)
+        return f"{{job {self.job_id}, item {self.item_id}, row {self.row_index}, images [{images}]}}"
+
     @classmethod
     def decode(cls, data: Any) -> TaskMessage:
         """Checks a received message; raises `ContractError` (code ``message_invalid``)."""

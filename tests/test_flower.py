@@ -135,6 +135,12 @@ def test_flower_sees_the_worker_and_its_finished_tasks(
         f"flower does not list {worker_name}",
     )
     assert TASK_GENERATE in workers[worker_name]["registered"]
+    # Workers send task events only while a monitor asks for them: Flower does, every few seconds.
+    wait_until(
+        lambda: "Events of group {task} enabled by remote" in fake_cluster.worker.log(),
+        30,
+        "flower did not switch on the worker's task events",
+    )
 
     # When a job of three rows runs to the end,
     images = make_images(media, 3)

@@ -31,8 +31,8 @@ app.conf.update(
     include=["workers.tasks"],
     worker_pool="threads",
     worker_concurrency=settings.concurrency,
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Task events cost a Redis publish per task state; Flower switches them on while it watches.
+    worker_send_task_events=settings.task_events,
 )
 
 _state: dict[str, Any] = {}

@@ -52,6 +52,7 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
             probe.verify()
             image = Image.open(io.BytesIO(data))
             image.seek(0)  # the first frame of an animation
+            drafted = _draft(image, settings.max_pixels)
             image.load()
         except ImageError:
             raise
@@ -59,7 +60,14 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
             raise ImageError(f"{_short(ref)} is a decompression bomb: {e}", code="image_too_large") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"{_short(ref)} is not a readable image: {e}", code="image_unreadable") from e
-    upright: Image.Image = ImageOps.exif_transpose(image) or image
+    decoded: Image.Image = image
+    if drafted is not None:
+        # To the final size now, from the area that holds the full image (the decoder pads to whole
+        # pixels): the size and framing of a full decode. A JPEG is L, RGB or CMYK, fine to resize before
+        # to_rgb; the resized copy keeps ``info``, so its EXIF orientation still applies below.
+        size, box = drafted
+        decoded = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    upright: Image.Image = ImageOps.exif_transpose(decoded) or decoded
     return cap_pixels(to_rgb(upright), settings.max_pixels)
 
 
@@ -80,12 +88,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    width, height = image.size
-    if width * height <= max_pixels:
+    size = capped_size(*image.size, max_pixels)
+    if size == image.size:
         return image
-    scale = math.sqrt(max_pixels / (width * height))
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image scaled down, aspect kept, to at most ``max_pixels``."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _draft(
+    image: Image.Image, max_pixels: int
+) -> tuple[tuple[int, int], tuple[float, float, float, float]] | None:
+    """For a JPEG that will be downscaled, makes the decoder scale in the DCT domain (1/2, 1/4 or 1/8) to
+    the smallest size still at least the final size in both sides: a fraction of the work of a full
+    decode. Returns the final size, computed from the full size, and the area of the reduced image that
+    holds the full image. None: the image is decoded in full (not a JPEG, or no downscale)."""
+    size = capped_size(*image.size, max_pixels)
+    if size == image.size:
+        return None
+    drafted = image.draft("RGB", size)  # a no-op but for JPEG
+    return None if drafted is None else (size, drafted[1])
 
 
 def _read_file(path: Path, settings: ImageSettings) -> bytes:

@@ -63,6 +63,9 @@ class WorkerSettings(ImageSettings):
     metrics_port: int = 9100
     """Prometheus /metrics of this worker (0: off). One per process: give each worker on a host its own."""
     metrics_address: str = "127.0.0.1"
+    task_events: bool = False
+    """Send Celery task events from the start. Off: Flower (or ``celery control enable_events``) turns them
+    on while it monitors, so a cluster nobody watches does not pay three Redis publishes per task."""
     fake_delay_s: float = 0.0
     fake_faults: dict[str, str] = {}
     """Fake engine only: image size (``"13x17"``) -> ``"crash"`` or ``"hang"``, for fault tests."""

@@ -48,41 +48,51 @@ def _generate(kwargs: dict[str, Any]) -> None:
         metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
     attempts_key = k.job_attempts_key(message.job_id)
 
-    def look() -> list[Any]:
+    def start() -> list[Any]:
+        # One round trip: count this start (optimistically) and read the job's cancel flag.
         pipe = results_client().pipeline(transaction=False)
-        pipe.hget(attempts_key, message.item_id)
+        pipe.hincrby(attempts_key, message.item_id, 1)
         pipe.hget(k.job_key(message.job_id), "cancelled")
         return pipe.execute()
 
-    started, cancelled = _with_redis(look)
+    attempts, cancelled = _with_redis(start)
     if cancelled == b"1":
         error = ErrorInfo(code="cancelled", message="the job was cancelled before this row was processed")
         _with_redis(lambda: publish(results_client(), _error(message.model_dump(mode="json"), error)))
         return
-    started_before = int(started or 0)
-    # A redelivered item may be the one that crashed the last worker: run it alone (see isolation.py).
-    with _gate.alone() if started_before else _gate.normal():
-        attempts = int(_with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1)))
-        if attempts > settings.max_attempts:
-            record = _error(
-                message.model_dump(mode="json"),
-                ErrorInfo(
-                    code="poison_item",
-                    message=f"started {attempts - 1} times, alone after the first, and never finished"
-                    " (it crashes or hangs the worker)",
-                ),
-            )
-        else:
-            try:
-                with metrics.IN_FLIGHT.track_inprogress():
-                    record = process(message, runtime(), settings)
-            except EngineDead as e:
-                # Not this item's fault: leave its message unacked (it is redelivered) and let the
-                # supervisor restart the worker with a fresh engine.
-                log.critical("the engine died (%s); exiting so the worker is restarted", e)
-                logging.shutdown()
-                os._exit(EXIT_ENGINE_DEAD)
+    if attempts > 1:
+        # A redelivered item may be the one that crashed the last worker: run it alone (see
+        # isolation.py), and count its start only once it really starts, so that innocent items
+        # waiting their turn behind a crashing one are not charged for its crashes.
+        _with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, -1))
+        with _gate.alone():
+            attempts = int(_with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1)))
+            record = _run(message, attempts)
+    else:
+        with _gate.normal():
+            record = _run(message, attempts)
     _with_redis(lambda: publish(results_client(), record))
+
+
+def _run(message: TaskMessage, attempts: int) -> ResultRecord:
+    if attempts > settings.max_attempts:
+        return _error(
+            message.model_dump(mode="json"),
+            ErrorInfo(
+                code="poison_item",
+                message=f"started {attempts - 1} times, alone after the first, and never finished"
+                " (it crashes or hangs the worker)",
+            ),
+        )
+    try:
+        with metrics.IN_FLIGHT.track_inprogress():
+            return process(message, runtime(), settings)
+    except EngineDead as e:
+        # Not this item's fault: leave its message unacked (it is redelivered) and let the
+        # supervisor restart the worker with a fresh engine.
+        log.critical("the engine died (%s); exiting so the worker is restarted", e)
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_DEAD)
 
 
 def _with_redis(call: Any) -> Any:

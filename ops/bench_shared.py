@@ -1,0 +1,214 @@
+"""Shared-path capacity: what every GPU shares (producer, Redis, collector), and the worker's own cost.
+
+Four figures, each against a private Redis this script starts (so nothing else competes for it):
+
+- **enqueue**: `producer.enqueue.enqueue_file` over an N-row JSONL (tasks/s);
+- **collect**: a `workers.collector.Collector` draining N result entries into JSONL, fsync once per
+  batch (rows/s);
+- **end to end**: a real ``imageqa worker`` (Celery, threads pool) with the instant fake engine, a
+  collector, and the producer, all on this machine at once (images/s from the first enqueue to the job
+  marked done);
+- **worker CPU per image**: the worker process's CPU seconds (user + system, from /proc) over the
+  end-to-end run divided by its images; the images are 32x24 JPEGs, so this is the worker's overhead
+  (Celery, Redis round trips, validation, encoding), not image decoding.
+
+    python ops/bench_shared.py --rows 20000 --e2e-rows 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ops.benchlib import private_redis, proc_cpu_s  # noqa: E402
+from producer import constants as k  # noqa: E402
+from producer.broker import redis_client  # noqa: E402
+from producer.contract import GenerationParams, QAPair, ResultRecord  # noqa: E402
+from producer.enqueue import enqueue_file  # noqa: E402
+from producer.jobs import job_status, register_job  # noqa: E402
+from producer.results import publish  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.helpers import WorkerProcess, make_images, read_jsonl, write_jsonl  # noqa: E402
+from workers.collector import Collector  # noqa: E402
+from workers.settings import CollectorSettings  # noqa: E402
+
+TARGETS = {"enqueue": 5000.0, "collect": 10000.0, "e2e": 2000.0, "worker_cpu_ms": 1.0}
+
+
+def bench_enqueue(url: str, folder: Path, rows: int, image: Path) -> dict[str, float]:
+    redis_client(url).flushdb()
+    source = write_jsonl(folder / "enqueue.jsonl", [{"image": [str(image)], "n": i} for i in range(rows)])
+    settings = ProducerSettings(redis_url=url)
+    started = time.perf_counter()
+    summary = enqueue_file(source, folder / "enqueue-out.jsonl", settings=settings, params=GenerationParams())
+    elapsed = time.perf_counter() - started
+    queued = redis_client(url).llen(k.QUEUE_GENERATE)
+    assert summary.enqueued == rows == queued, (summary, queued)
+    redis_client(url).flushdb()
+    return {"rows": rows, "seconds": elapsed, "rate": rows / elapsed}
+
+
+def bench_collect(url: str, folder: Path, rows: int, image: Path) -> dict[str, float]:
+    r = redis_client(url)
+    r.flushdb()
+    out = folder / "collect-out.jsonl"
+    out.unlink(missing_ok=True)
+    job = "bench-collect"
+    register_job(
+        r,
+        job,
+        output_path=str(out),
+        errors_path=str(folder / "collect-out.errors.jsonl"),
+        output_key="qa_pairs",
+        input_path=str(folder / "collect.jsonl"),
+        params_json=GenerationParams().model_dump_json(),
+    )
+    pairs = [
+        QAPair(question=f"What is shown in part {i}?", answer=f"Part {i} of a street.") for i in range(3)
+    ]
+    pipe = r.pipeline(transaction=False)
+    for i in range(rows):
+        record = ResultRecord(
+            job_id=job,
+            item_id=f"{i:032x}",
+            row_index=i,
+            row={"image": [str(image)], "n": i},
+            qa_pairs=pairs,
+            model="bench",
+            worker="bench",
+            elapsed_s=0.01,
+        )
+        publish(pipe, record)
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+    collector = Collector(CollectorSettings(redis_url=url, block_ms=10, metrics_port=0))
+    collector.ensure_group()
+    started = time.perf_counter()
+    while collector.rows_written < rows:
+        collector.step(block_ms=10)
+    elapsed = time.perf_counter() - started
+    written = len(out.read_bytes().splitlines())
+    assert written == rows, (written, rows)
+    r.flushdb()
+    return {
+        "rows": rows,
+        "seconds": elapsed,
+        "rate": rows / elapsed,
+        "batch": collector.settings.batch_size,
+    }
+
+
+def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, float]:
+    r = redis_client(url)
+    r.flushdb()
+    media = folder / "e2e-media"
+    images = make_images(media, 64, size=(32, 24))
+    source = write_jsonl(
+        folder / "e2e.jsonl", [{"image": [str(images[i % len(images)])], "n": i} for i in range(rows)]
+    )
+    out = folder / "e2e-out.jsonl"
+    out.unlink(missing_ok=True)
+    worker = WorkerProcess(
+        {
+            "IMAGEQA_REDIS_URL": url,
+            "IMAGEQA_ENGINE": "fake",
+            "IMAGEQA_MODEL": "fake",
+            "IMAGEQA_MEDIA_ROOTS": str(media),
+            "IMAGEQA_CONCURRENCY": str(concurrency),
+            "IMAGEQA_METRICS_PORT": "0",
+        },
+        folder / "e2e-worker.log",
+    )
+    worker.start(120)
+    assert worker.proc is not None
+    stop = threading.Event()
+    collector = Collector(CollectorSettings(redis_url=url, block_ms=100, metrics_port=0))
+    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        cpu_before = proc_cpu_s(worker.proc.pid)
+        started = time.perf_counter()
+        summary = enqueue_file(
+            source, out, settings=ProducerSettings(redis_url=url), params=GenerationParams()
+        )
+        enqueued_s = time.perf_counter() - started
+        while True:
+            status = job_status(r, summary.job_id)
+            if status is not None and status.finished:
+                break
+            if worker.proc.poll() is not None:
+                raise SystemExit(f"worker exited:\n{worker.log()[-3000:]}")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        cpu = proc_cpu_s(worker.proc.pid) - cpu_before
+    finally:
+        stop.set()
+        thread.join(10)
+        worker.stop()
+    written = read_jsonl(out)
+    assert len(written) == rows and status.failed == 0, (len(written), status)
+    r.flushdb()
+    return {
+        "rows": rows,
+        "seconds": elapsed,
+        "rate": rows / elapsed,
+        "enqueue_s": enqueued_s,
+        "worker_cpu_ms": cpu / rows * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=20000, help="rows for the enqueue and collect figures")
+    parser.add_argument("--e2e-rows", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many runs")
+    parser.add_argument("--concurrency", type=int, default=128, help="worker threads (the worker default)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as url:
+        folder = Path(tmp)
+        image = make_images(folder / "media", 1, size=(32, 24))[0]
+        runs: dict[str, list[dict[str, float]]] = {"enqueue": [], "collect": [], "e2e": []}
+        for _ in range(args.rounds):
+            runs["enqueue"].append(bench_enqueue(url, folder, args.rows, image))
+            runs["collect"].append(bench_collect(url, folder, args.rows, image))
+            runs["e2e"].append(bench_e2e(url, folder, args.e2e_rows, args.concurrency))
+
+    def median(name: str, key: str = "rate") -> float:
+        return statistics.median(run[key] for run in runs[name])
+
+    cpu_ms = median("e2e", "worker_cpu_ms")
+    print(f"\nShared path on {os.cpu_count()} cores, private Redis, median of {args.rounds} runs:\n")
+    print("| figure | rows | runs (per s) | median | target |")
+    print("|---|---|---|---|---|")
+    for name, label, unit in (
+        ("enqueue", "producer enqueue", "tasks/s"),
+        ("collect", f"collector write (fsync per batch of {int(runs['collect'][0]['batch'])})", "rows/s"),
+        ("e2e", "end to end, fake engine", "images/s"),
+    ):
+        rates = ", ".join(f"{run['rate']:,.0f}" for run in runs[name])
+        rows = int(runs[name][0]["rows"])
+        print(f"| {label} | {rows:,} | {rates} | {median(name):,.0f} {unit} | ≥ {TARGETS[name]:,.0f} |")
+    cpus = ", ".join(f"{run['worker_cpu_ms']:.2f}" for run in runs["e2e"])
+    print(f"| worker CPU per image (ms) | {args.e2e_rows:,} | {cpus} | {cpu_ms:.2f} ms | < 1 |")
+    print()
+    print(f"BENCH enqueue_tasks_per_s={median('enqueue'):.0f} target=5000")
+    print(f"BENCH collect_rows_per_s={median('collect'):.0f} target=10000")
+    print(f"BENCH e2e_fake_images_per_s={median('e2e'):.0f} target=2000")
+    print(f"BENCH worker_cpu_ms_per_image={cpu_ms:.3f} target=1.0")
+
+
+if __name__ == "__main__":
+    main()

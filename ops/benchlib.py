@@ -1,0 +1,127 @@
+"""What the benchmark scripts share: /proc readings, child processes, a private Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producer.broker import redis_client
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_children: list[subprocess.Popen[bytes]] = []
+
+
+# --- /proc readings ---------------------------------------------------------------------------
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    figures = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                figures[name] = int(value.split()[0]) * 1024
+    return figures
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wait_child(proc: subprocess.Popen[bytes], poll: Callable[[], None] | None, every_s: float = 0.2) -> int:
+    """Waits for ``proc`` with ``wait4``, calling ``poll`` every ``every_s``; returns the child's peak
+    RSS in bytes (``ru_maxrss``: its VmHWM at exit, however briefly the peak lasted)."""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_maxrss * 1024
+        if poll is not None:
+            poll()
+        time.sleep(every_s)
+
+
+# --- processes and Redis ----------------------------------------------------------------------
+
+
+def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, **kwargs)
+    _children.append(proc)
+    return proc
+
+
+def adopt(proc: subprocess.Popen[bytes]) -> None:
+    """Makes `stop_children` stop ``proc`` too (a child started elsewhere)."""
+    _children.append(proc)
+
+
+def stop_children() -> None:
+    """Terminates every child this script started that still runs (by its own pid)."""
+    for proc in _children:
+        if proc.returncode is None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def private_redis(folder: Path) -> Iterator[str]:
+    """A throw-away ``redis-server`` (no persistence) on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found on PATH: install it, or pass --redis-url")
+    for _ in range(3):
+        port = free_port()
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
+        with (folder / f"redis-{port}.log").open("wb") as log:
+            proc = spawn([*command, "--save", "", "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis_client(url)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            proc.wait()
+            continue
+        try:
+            yield url
+        finally:
+            with suppress(redis.RedisError):  # shutdown drops the connection under the client
+                client.shutdown(nosave=True)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            client.close()
+        return
+    raise SystemExit(f"redis-server did not start; see {folder}/redis-*.log")
