@@ -10,7 +10,9 @@ Four figures, each against a private Redis this script starts (so nothing else c
   marked done);
 - **worker CPU per image**: the worker process's CPU seconds (user + system, from /proc) over the
   end-to-end run divided by its images; the images are 32x24 JPEGs, so this is the worker's overhead
-  (Celery, Redis round trips, validation, encoding), not image decoding.
+  (Celery, Redis round trips, validation, encoding), not image decoding;
+- **Celery alone**: the same messages through a Celery worker with the same broker settings whose
+  task does nothing, the floor any Celery worker on this Redis transport pays per task.
 
     python ops/bench_shared.py --rows 20000 --e2e-rows 20000
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -167,6 +170,74 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
     }
 
 
+def bench_celery_floor(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, float]:
+    """The same messages through a Celery worker with the same broker settings whose task does nothing:
+    what Celery and Kombu alone cost per task (fetch, unacked bookkeeping, ack), for comparison."""
+    r = redis_client(url)
+    r.flushdb()
+    source = write_jsonl(folder / "floor.jsonl", [{"image": ["/nowhere.jpg"], "n": i} for i in range(rows)])
+    log = folder / "floor-worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--floor-child", url, "--concurrency", str(concurrency)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while " ready." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"no-op worker did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        cpu_before = proc_cpu_s(proc.pid)
+        started = time.perf_counter()
+        enqueue_file(
+            source,
+            folder / "floor-out.jsonl",
+            settings=ProducerSettings(redis_url=url),
+            params=GenerationParams(),
+        )
+        while r.llen(k.QUEUE_GENERATE) or r.hlen("unacked"):
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        cpu = proc_cpu_s(proc.pid) - cpu_before
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    r.flushdb()
+    return {"rows": rows, "seconds": elapsed, "rate": rows / elapsed, "worker_cpu_ms": cpu / rows * 1000}
+
+
+def floor_child(url: str, concurrency: int) -> None:
+    from producer.broker import celery_app
+    from producer.settings import DEFAULT_VISIBILITY_TIMEOUT_S
+
+    app = celery_app(url, DEFAULT_VISIBILITY_TIMEOUT_S, name="imageqa-floor")
+
+    @app.task(name=k.TASK_GENERATE, acks_late=True, ignore_result=True)
+    def generate(**kwargs: object) -> None:
+        return None
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "--queues",
+            k.QUEUE_GENERATE,
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            "floor@%h",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,16 +246,21 @@ def main() -> None:
     parser.add_argument("--e2e-rows", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many runs")
     parser.add_argument("--concurrency", type=int, default=128, help="worker threads (the worker default)")
+    parser.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_child:
+        floor_child(args.floor_child, args.concurrency)
+        return
 
     with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as url:
         folder = Path(tmp)
         image = make_images(folder / "media", 1, size=(32, 24))[0]
-        runs: dict[str, list[dict[str, float]]] = {"enqueue": [], "collect": [], "e2e": []}
+        runs: dict[str, list[dict[str, float]]] = {"enqueue": [], "collect": [], "e2e": [], "floor": []}
         for _ in range(args.rounds):
             runs["enqueue"].append(bench_enqueue(url, folder, args.rows, image))
             runs["collect"].append(bench_collect(url, folder, args.rows, image))
             runs["e2e"].append(bench_e2e(url, folder, args.e2e_rows, args.concurrency))
+            runs["floor"].append(bench_celery_floor(url, folder, args.e2e_rows, args.concurrency))
 
     def median(name: str, key: str = "rate") -> float:
         return statistics.median(run[key] for run in runs[name])
@@ -203,11 +279,20 @@ def main() -> None:
         print(f"| {label} | {rows:,} | {rates} | {median(name):,.0f} {unit} | ≥ {TARGETS[name]:,.0f} |")
     cpus = ", ".join(f"{run['worker_cpu_ms']:.2f}" for run in runs["e2e"])
     print(f"| worker CPU per image (ms) | {args.e2e_rows:,} | {cpus} | {cpu_ms:.2f} ms | < 1 |")
+    floor_ms = median("floor", "worker_cpu_ms")
+    floors = ", ".join(f"{run['worker_cpu_ms']:.2f}" for run in runs["floor"])
+    label = "Celery alone: no-op task, CPU per task (ms)"
+    print(f"| {label} | {args.e2e_rows:,} | {floors} | {floor_ms:.2f} ms | - |")
+    floor_rates = ", ".join(f"{run['rate']:,.0f}" for run in runs["floor"])
+    label = "Celery alone: no-op task rate"
+    print(f"| {label} | {args.e2e_rows:,} | {floor_rates} | {median('floor'):,.0f}/s | - |")
     print()
     print(f"BENCH enqueue_tasks_per_s={median('enqueue'):.0f} target=5000")
     print(f"BENCH collect_rows_per_s={median('collect'):.0f} target=10000")
     print(f"BENCH e2e_fake_images_per_s={median('e2e'):.0f} target=2000")
     print(f"BENCH worker_cpu_ms_per_image={cpu_ms:.3f} target=1.0")
+    print(f"BENCH celery_noop_cpu_ms_per_task={floor_ms:.3f} target=-")
+    print(f"BENCH worker_cpu_over_celery_noop={cpu_ms / floor_ms:.2f} target=-")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def job_writing_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:writing"
 
 
+def job_pass_key(job_id: str, token: str) -> str:
+    """Prefix of one enqueue pass's scratch keys (the row digests it has seen), deleted when it ends."""
+    return f"{PREFIX}:job:{job_id}:pass:{token}"
+
+
 def job_events_channel(job_id: str) -> str:
     """Pub/sub channel on which the job announces that it is done."""
     return f"{PREFIX}:job:{job_id}:events"

@@ -6,10 +6,14 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+
+import redis
 
 from producer import constants as k
 from producer import jobs
@@ -23,7 +27,7 @@ from producer.contract import (
     canonical_json,
 )
 from producer.errors import InputError
-from producer.inputs import ItemIds, RawRow, read_rows, resolve_ref, row_images
+from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
 from producer.results import publish
 from producer.settings import ProducerSettings
 
@@ -91,12 +95,12 @@ def enqueue_file(
         on_done_queue=on_done_queue,
     )
     app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
-    ids = ItemIds(params.fingerprint())
+    ids = RedisItemIds(params.fingerprint(), r, k.job_pass_key(job_id, uuid.uuid4().hex))
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
     try:
         with app.producer_or_acquire() as producer:
             for batch in _batches(rows, settings.enqueue_batch):
-                items = [(raw, ids.next_id(raw.row)) for raw in batch]
+                items = list(zip(batch, ids.next_ids([raw.row for raw in batch]), strict=True))
                 pipe = r.pipeline()
                 pipe.sadd(k.job_items_key(job_id), *[item_id for _, item_id in items])
                 pipe.smismember(k.job_done_key(job_id), [item_id for _, item_id in items])
@@ -138,6 +142,8 @@ def enqueue_file(
         pipe.execute()
         jobs.finish_if_complete(r, job_id, task_sender(app))
     finally:
+        with suppress(redis.RedisError):  # the keys expire by themselves if Redis is gone
+            ids.close()
         r.close()
     log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())
     return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)

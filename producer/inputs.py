@@ -175,7 +175,8 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
 class ItemIds:
     """Item ids: a hash of the row and of the output settings, with verbatim repeats numbered.
 
-    One output row per input row: the second copy of an identical row gets its own id.
+    One output row per input row: the second copy of an identical row gets its own id. This one keeps
+    the digests it has seen in memory (about 100 bytes a row); `RedisItemIds` keeps them in Redis.
     """
 
     def __init__(self, settings_fingerprint: str) -> None:
@@ -184,10 +185,62 @@ class ItemIds:
         self._repeats: dict[bytes, int] = {}
 
     def next_id(self, row: Any) -> str:
-        digest = hashlib.blake2b(canonical_json(row) + b"\0" + self._salt, digest_size=16).digest()
-        if digest in self._seen:
-            count = self._repeats.get(digest, 1)
-            self._repeats[digest] = count + 1
-            return f"{digest.hex()}-{count}"
-        self._seen.add(digest)
-        return digest.hex()
+        return self.next_ids([row])[0]
+
+    def next_ids(self, rows: list[Any]) -> list[str]:
+        """The ids of the next rows of the input, in order."""
+        digests = [
+            hashlib.blake2b(canonical_json(row) + b"\0" + self._salt, digest_size=16).digest() for row in rows
+        ]
+        numbers = self._repeat_numbers(digests)
+        return [d.hex() if n == 0 else f"{d.hex()}-{n}" for d, n in zip(digests, numbers, strict=True)]
+
+    def _repeat_numbers(self, digests: list[bytes]) -> list[int]:
+        """0 for a row's first copy, then 1, 2, ... for its verbatim repeats."""
+        numbers = []
+        for digest in digests:
+            if digest in self._seen:
+                count = self._repeats.get(digest, 1)
+                self._repeats[digest] = count + 1
+                numbers.append(count)
+            else:
+                self._seen.add(digest)
+                numbers.append(0)
+        return numbers
+
+    def close(self) -> None:
+        """Forgets the digests seen."""
+        self._seen.clear()
+        self._repeats.clear()
+
+
+class RedisItemIds(ItemIds):
+    """`ItemIds` whose seen digests live in Redis under ``key`` (one set, one hash, dropped by `close`
+    or after ``ttl_s``), so the producer's memory stays flat however long the input is. One extra
+    round trip per batch of rows, a second one only for a batch with repeats."""
+
+    def __init__(self, settings_fingerprint: str, client: Any, key: str, ttl_s: int = 7 * 86400) -> None:
+        super().__init__(settings_fingerprint)
+        self._r = client
+        self._seen_key, self._repeats_key = f"{key}:seen", f"{key}:repeats"
+        self._ttl_s = ttl_s
+
+    def _repeat_numbers(self, digests: list[bytes]) -> list[int]:
+        pipe = self._r.pipeline(transaction=False)
+        for digest in digests:  # in input order, so a repeat within the batch is seen as one
+            pipe.sadd(self._seen_key, digest)
+        pipe.expire(self._seen_key, self._ttl_s)
+        added = pipe.execute()[:-1]
+        numbers = [0] * len(digests)
+        repeats = [i for i, new in enumerate(added) if not new]
+        if repeats:
+            pipe = self._r.pipeline(transaction=False)
+            for i in repeats:
+                pipe.hincrby(self._repeats_key, digests[i], 1)
+            pipe.expire(self._repeats_key, self._ttl_s)
+            for i, count in zip(repeats, pipe.execute()[:-1], strict=True):
+                numbers[i] = int(count)
+        return numbers
+
+    def close(self) -> None:
+        self._r.delete(self._seen_key, self._repeats_key)

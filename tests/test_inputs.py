@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from producer.broker import redis_client
 from producer.errors import InputError
-from producer.inputs import ItemIds, read_rows, resolve_ref, row_images
+from producer.inputs import ItemIds, RedisItemIds, read_rows, resolve_ref, row_images
 from tests.helpers import write_jsonl
 
 ROWS = [{"image": ["a.jpg"], "id": 1}, {"image": "b.jpg", "id": 2}, {"image": ["c.jpg", "d.jpg"], "id": 3}]
@@ -109,3 +110,17 @@ def test_item_ids_differ_by_any_field_and_number_verbatim_repeats():
     assert [again.next_id(r) for r in ({"image": ["x.jpg"], "split": "train"},) * 2] == [a, a_again]
     # Other output settings give other ids.
     assert ItemIds("settings-b").next_id({"image": ["x.jpg"], "split": "train"}) != a
+
+
+def test_item_ids_kept_in_redis_are_the_same_ids_and_leave_nothing_behind(redis_url):
+    rows = [{"image": [f"{i % 7}.jpg"], "n": i % 5} for i in range(60)]  # many verbatim repeats
+    local = ItemIds("s")
+    expected = [local.next_id(row) for row in rows]
+    r = redis_client(redis_url)
+    ids = RedisItemIds("s", r, "imageqa:test:pass")
+    # In batches of several sizes, repeats both within a batch and across batches.
+    got = ids.next_ids(rows[:1]) + ids.next_ids(rows[1:25]) + ids.next_ids(rows[25:60])
+    assert got == expected and len(set(got)) == 60
+    assert r.ttl("imageqa:test:pass:seen") > 0 and r.ttl("imageqa:test:pass:repeats") > 0
+    ids.close()
+    assert not r.keys("imageqa:test:pass*")

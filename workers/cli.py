@@ -43,7 +43,7 @@ EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (defaul
 def worker(
     model: ModelOption = None,
     engine: EngineOption = None,
-    concurrency: Annotated[int | None, typer.Option(help="Tasks in flight (default 64).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Tasks in flight (default 128).")] = None,
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*."""
@@ -71,6 +71,10 @@ def worker(
             loglevel,
             "--hostname",
             f"imageqa-{os.getpid()}@%h",
+            # Gossip (workers reading every other worker's events) and mingle (syncing revokes at start)
+            # serve nothing here and cost every worker work per event of every other worker.
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 

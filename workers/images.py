@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import ipaddress
 import math
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from producer.errors import ImageError
 from workers.settings import ImageSettings
@@ -49,8 +51,10 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
                     f"{_short(ref)} is {width}x{height}, over {settings.max_image_pixels} pixels",
                     code="image_too_large",
                 )
-            probe.verify()
-            image = Image.open(io.BytesIO(data))
+            image = probe
+            if type(probe).verify is not ImageFile.ImageFile.verify:  # PNG checks its CRCs: then reopen
+                probe.verify()
+                image = Image.open(io.BytesIO(data))
             image.seek(0)  # the first frame of an animation
             drafted = _draft(image, settings.max_pixels)
             image.load()
@@ -120,21 +124,34 @@ def _read_file(path: Path, settings: ImageSettings) -> bytes:
     if not path.is_absolute():
         raise ImageError(f"image path {str(path)!r} is not absolute", code="path_not_allowed")
     real = path.resolve()
-    if not any(real.is_relative_to(root) for root in settings.roots()):
+    if not any(real.is_relative_to(root) for root in _resolved_roots(tuple(settings.media_roots))):
         raise ImageError(f"{path} is outside the allowed media roots", code="path_not_allowed")
     try:
-        size = real.stat().st_size
-        if size > settings.max_image_bytes:
-            raise ImageError(
-                f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large"
-            )
-        return real.read_bytes()
+        with real.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > settings.max_image_bytes:
+                raise ImageError(
+                    f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large"
+                )
+            return f.read()
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {path}", code="image_not_found") from e
     except IsADirectoryError as e:
         raise ImageError(f"{path} is a folder, not an image", code="image_unreadable") from e
     except PermissionError as e:
         raise ImageError(f"no permission to read {path}", code="image_unreadable") from e
+
+
+def _resolved_roots(roots: tuple[Path, ...]) -> list[Path]:
+    """`ImageSettings.roots`, resolved once per set of roots (resolving costs a syscall per part)."""
+    if not roots:
+        return [Path.cwd().resolve()]
+    return _resolve_all(roots)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_all(roots: tuple[Path, ...]) -> list[Path]:
+    return [p.resolve() for p in roots]
 
 
 def _data_uri(ref: str, max_bytes: int) -> bytes:

@@ -1,7 +1,7 @@
 """Running redelivered items alone, so a crash is blamed on the item that causes it.
 
-A worker crash takes every in-flight task with it. When the messages come back, the ones already
-started before are suspects: each runs alone (no other request in the engine), and only starts that
+A worker crash takes every in-flight task with it. When the messages come back (Kombu marks them
+redelivered), each is a suspect: it runs alone (no other request in the engine), and only starts that
 happen count as attempts. So the item that crashes the worker reaches the attempt limit, and the
 innocent items that shared its first crash finish normally on their isolated retry.
 """

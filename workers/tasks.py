@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -28,17 +29,45 @@ RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _gate = IsolationGate()
 
 
-@app.task(name=k.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(**kwargs: Any) -> None:
+@app.task(name=k.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(self: Any, **kwargs: Any) -> None:
+    # Kombu marks a message it puts back (its worker died, or it was requeued) as redelivered.
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        _generate(kwargs)
+        _generate(kwargs, redelivered)
     except RETRYABLE as e:
         # Redis stayed away longer than the retry budget: put the message back rather than lose it.
         log.error("Redis unavailable for too long (%s); requeueing the task", e)
         raise Reject(e, requeue=True) from e
 
 
-def _generate(kwargs: dict[str, Any]) -> None:
+class CancelFlags:
+    """The jobs' cancel flags, read from Redis at most once per ``ttl_s`` per job and process, so a
+    task costs no round trip for it; a cancel takes effect within ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 0.5) -> None:
+        self.ttl_s = ttl_s
+        self._flags: dict[str, tuple[float, bool]] = {}
+        self._lock = threading.Lock()
+
+    def cancelled(self, job_id: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._flags.get(job_id)
+        if seen is not None and now - seen[0] < self.ttl_s:
+            return seen[1]
+        flag = _with_redis(lambda: results_client().hget(k.job_key(job_id), "cancelled")) == b"1"
+        with self._lock:
+            if len(self._flags) > 10_000:  # long-lived worker, many jobs: forget the stale ones
+                self._flags = {j: f for j, f in self._flags.items() if now - f[0] < self.ttl_s}
+            self._flags[job_id] = (now, flag)
+        return flag
+
+
+_cancel_flags = CancelFlags()
+
+
+def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
     try:
         message = TaskMessage.decode(kwargs)
     except ContractError as e:
@@ -46,31 +75,21 @@ def _generate(kwargs: dict[str, Any]) -> None:
         return
     if message.enqueued_at:
         metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
-    attempts_key = k.job_attempts_key(message.job_id)
-
-    def start() -> list[Any]:
-        # One round trip: count this start (optimistically) and read the job's cancel flag.
-        pipe = results_client().pipeline(transaction=False)
-        pipe.hincrby(attempts_key, message.item_id, 1)
-        pipe.hget(k.job_key(message.job_id), "cancelled")
-        return pipe.execute()
-
-    attempts, cancelled = _with_redis(start)
-    if cancelled == b"1":
+    if _cancel_flags.cancelled(message.job_id):
         error = ErrorInfo(code="cancelled", message="the job was cancelled before this row was processed")
         _with_redis(lambda: publish(results_client(), _error(message.model_dump(mode="json"), error)))
         return
-    if attempts > 1:
-        # A redelivered item may be the one that crashed the last worker: run it alone (see
-        # isolation.py), and count its start only once it really starts, so that innocent items
-        # waiting their turn behind a crashing one are not charged for its crashes.
-        _with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, -1))
+    if redelivered:
+        # It may be the item that crashed the last worker: run it alone (see isolation.py). Its first
+        # start is not recorded (that would cost every task a round trip); later starts are, once
+        # they really start, so items waiting their turn behind a crashing one are not charged.
+        attempts_key = k.job_attempts_key(message.job_id)
         with _gate.alone():
-            attempts = int(_with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1)))
-            record = _run(message, attempts)
+            restarts = _with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1))
+            record = _run(message, 1 + int(restarts))
     else:
         with _gate.normal():
-            record = _run(message, attempts)
+            record = _run(message, 1)
     _with_redis(lambda: publish(results_client(), record))
 
 
