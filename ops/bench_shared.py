@@ -11,6 +11,9 @@ Four figures, each against a private Redis this script starts (so nothing else c
 - **worker CPU per image**: the worker process's CPU seconds (user + system, from /proc) over the
   end-to-end run divided by its images; the images are 32x24 JPEGs, so this is the worker's overhead
   (Celery, Redis round trips, validation, encoding), not image decoding;
+- **Redis CPU per image**: the Redis server's CPU seconds over the end-to-end run per image, every
+  round trip of producer, worker and collector included; 1 s divided by it is the images/s one Redis
+  core carries for any number of workers (Redis runs commands on one thread);
 - **Celery alone**: the same messages through a Celery worker with the same broker settings whose
   task does nothing, the floor any Celery worker on this Redis transport pays per task.
 
@@ -139,7 +142,8 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
     thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        cpu_before = proc_cpu_s(worker.proc.pid)
+        redis_pid = int(r.info("server")["process_id"])
+        cpu_before, redis_before = proc_cpu_s(worker.proc.pid), proc_cpu_s(redis_pid)
         started = time.perf_counter()
         summary = enqueue_file(
             source, out, settings=ProducerSettings(redis_url=url), params=GenerationParams()
@@ -154,6 +158,7 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         cpu = proc_cpu_s(worker.proc.pid) - cpu_before
+        redis_cpu = proc_cpu_s(redis_pid) - redis_before
     finally:
         stop.set()
         thread.join(10)
@@ -167,6 +172,7 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
         "rate": rows / elapsed,
         "enqueue_s": enqueued_s,
         "worker_cpu_ms": cpu / rows * 1000,
+        "redis_cpu_ms": redis_cpu / rows * 1000,
     }
 
 
@@ -243,7 +249,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=20000, help="rows for the enqueue and collect figures")
-    parser.add_argument("--e2e-rows", type=int, default=20000)
+    parser.add_argument("--e2e-rows", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many runs")
     parser.add_argument("--concurrency", type=int, default=128, help="worker threads (the worker default)")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
@@ -279,6 +285,12 @@ def main() -> None:
         print(f"| {label} | {rows:,} | {rates} | {median(name):,.0f} {unit} | ≥ {TARGETS[name]:,.0f} |")
     cpus = ", ".join(f"{run['worker_cpu_ms']:.2f}" for run in runs["e2e"])
     print(f"| worker CPU per image (ms) | {args.e2e_rows:,} | {cpus} | {cpu_ms:.2f} ms | < 1 |")
+    redis_ms = median("e2e", "redis_cpu_ms")
+    redis_runs = ", ".join(f"{run['redis_cpu_ms']:.3f}" for run in runs["e2e"])
+    label = "Redis CPU per image, end to end (ms)"
+    print(f"| {label} | {args.e2e_rows:,} | {redis_runs} | {redis_ms:.3f} ms | - |")
+    label = "one Redis core's ceiling: 1 s / Redis CPU per image"
+    print(f"| {label} | | | {1000 / redis_ms:,.0f} images/s | ≥ 2,000 |")
     floor_ms = median("floor", "worker_cpu_ms")
     floors = ", ".join(f"{run['worker_cpu_ms']:.2f}" for run in runs["floor"])
     label = "Celery alone: no-op task, CPU per task (ms)"
@@ -291,6 +303,8 @@ def main() -> None:
     print(f"BENCH collect_rows_per_s={median('collect'):.0f} target=10000")
     print(f"BENCH e2e_fake_images_per_s={median('e2e'):.0f} target=2000")
     print(f"BENCH worker_cpu_ms_per_image={cpu_ms:.3f} target=1.0")
+    print(f"BENCH redis_cpu_ms_per_image={redis_ms:.3f} target=-")
+    print(f"BENCH redis_core_ceiling_images_per_s={1000 / redis_ms:.0f} target=2000")
     print(f"BENCH celery_noop_cpu_ms_per_task={floor_ms:.3f} target=-")
     print(f"BENCH worker_cpu_over_celery_noop={cpu_ms / floor_ms:.2f} target=-")
 

@@ -133,10 +133,11 @@ class Collector:
             self.handle(claimed)
 
     def maybe_observe(self, every_s: float = 5.0) -> None:
-        """Refreshes the lag, pending and queue-depth gauges."""
+        """Refreshes the lag, pending and queue-depth gauges, and trims the stream."""
         if time.monotonic() - self._last_observe < every_s:
             return
         self._last_observe = time.monotonic()
+        self.trim()
         pipe = self.r.pipeline(transaction=False)
         pipe.xinfo_groups(k.RESULTS_STREAM)
         pipe.llen(k.QUEUE_GENERATE)
@@ -146,6 +147,27 @@ class Collector:
                 metrics.COLLECTOR_LAG.set(group.get("lag") or 0)
                 metrics.COLLECTOR_PENDING.set(group.get("pending") or 0)
         metrics.QUEUE_DEPTH.set(depth)
+
+    def trim(self) -> int:
+        """Drops the results every consumer group has read and acknowledged, so the stream holds what
+        is in flight, not the whole history of every job. Returns the number of entries dropped."""
+        try:
+            groups: Any = self.r.xinfo_groups(k.RESULTS_STREAM)
+        except redis.ResponseError:  # no stream yet
+            return 0
+        needed: list[tuple[int, int]] = []
+        for group in groups:
+            ms, seq = _stream_id(group["last-delivered-id"])
+            needed.append((ms, seq + 1))  # the first entry not yet delivered to this group
+            if group["pending"]:
+                oldest: Any = self.r.xpending(k.RESULTS_STREAM, group["name"])
+                needed.append(_stream_id(oldest["min"]))
+        if not needed:
+            return 0
+        # Entries below the oldest one still needed were delivered to every group and acknowledged.
+        ms, seq = min(needed)
+        dropped: int = self.r.xtrim(k.RESULTS_STREAM, minid=f"{ms}-{seq}", approximate=False)
+        return dropped
 
     def step(self, start_id: str = ">", block_ms: int | None = None) -> int:
         response: Any = self.r.xreadgroup(
@@ -267,6 +289,12 @@ def _qa_counters(records: Iterable[ResultRecord]) -> Counter[str]:
             counts["qa:agreed"] += rec.qa_stats.agreed
             counts.update({f"rejected:{reason}": n for reason, n in rec.qa_stats.rejected.items()})
     return +counts  # drops zero counts
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _size(path: str) -> int:

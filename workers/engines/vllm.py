@@ -10,6 +10,7 @@ vllm/torch are imported lazily inside functions, so importing this module is che
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -140,6 +141,9 @@ class VLLMEngine(Engine):
         self._llm: AsyncLLM | None = None
         self._chat_template: str | None = None
         self._render: Any = None  # async prompt-dict -> engine input, or None for raw prompts
+        # Every first try of a job has the same text: render the chat template once, not per image
+        # (it runs on the engine's event loop, which every request shares).
+        self._templated = functools.lru_cache(maxsize=256)(self._apply_template)
 
     async def start(self) -> None:
         """Build the engine. Idempotent. Raises whatever vLLM raises if the model cannot load."""
@@ -178,8 +182,13 @@ class VLLMEngine(Engine):
 
     def render_prompt(self, request: EngineRequest) -> str:
         """The prompt text: the model's chat template with one image placeholder per image."""
+        text: str = self._templated(request.system_prompt, request.prompt, len(request.images))
+        return text
+
+    def _apply_template(self, system_prompt: str | None, prompt: str, images: int) -> str:
         tokenizer: Any = self._require_llm().get_tokenizer()
-        messages = _chat_messages(request, [{"type": "image"} for _ in request.images])
+        request = EngineRequest(request_id="", images=[], prompt=prompt, system_prompt=system_prompt)
+        messages = _chat_messages(request, [{"type": "image"} for _ in range(images)])
         return tokenizer.apply_chat_template(
             messages, chat_template=self._chat_template, tokenize=False, add_generation_prompt=True
         )

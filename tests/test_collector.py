@@ -1,0 +1,68 @@
+"""The collector keeps the results stream short: what every group has acknowledged is dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from producer import constants as k
+from producer.broker import redis_client
+from producer.contract import GenerationParams, QAPair, ResultRecord
+from producer.jobs import register_job
+from producer.results import publish
+from tests.helpers import read_jsonl
+from workers.collector import Collector
+from workers.settings import CollectorSettings
+
+
+def _publish(url: str, job: str, first: int, count: int) -> None:
+    pipe = redis_client(url).pipeline(transaction=False)
+    for i in range(first, first + count):
+        record = ResultRecord(
+            job_id=job,
+            item_id=f"item-{i}",
+            row_index=i,
+            row={"image": ["x.jpg"], "n": i},
+            qa_pairs=[QAPair(question="What is it?", answer=f"Thing {i}.")],
+            worker="test",
+        )
+        publish(pipe, record)
+    pipe.execute()
+
+
+def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url: str, tmp_path: Path):
+    r = redis_client(redis_url)
+    out = tmp_path / "out.jsonl"
+    register_job(
+        r,
+        "job",
+        output_path=str(out),
+        errors_path=str(tmp_path / "out.errors.jsonl"),
+        output_key="qa_pairs",
+        input_path=str(tmp_path / "in.jsonl"),
+        params_json=GenerationParams().model_dump_json(),
+    )
+    collector = Collector(CollectorSettings(redis_url=redis_url, batch_size=50, metrics_port=0))
+    collector.ensure_group()
+    _publish(redis_url, "job", 0, 120)
+    while collector.step() > 0:
+        pass
+    assert len(read_jsonl(out)) == 120
+    # Another consumer (a dead collector, say) has read 30 more entries but never acknowledged them.
+    _publish(redis_url, "job", 120, 40)
+    r.xreadgroup(k.COLLECTOR_GROUP, "dead-collector", {k.RESULTS_STREAM: ">"}, count=30)
+    assert r.xlen(k.RESULTS_STREAM) == 160
+
+    dropped = collector.trim()
+
+    # The 120 written entries are gone; the 30 pending and 10 unread ones stay for the collectors.
+    assert dropped == 120 and r.xlen(k.RESULTS_STREAM) == 40
+    pending = r.xpending(k.RESULTS_STREAM, k.COLLECTOR_GROUP)
+    assert pending["pending"] == 30
+    collector.settings = CollectorSettings(redis_url=redis_url, batch_size=50, metrics_port=0, claim_idle_s=0)
+    collector.maybe_claim()
+    while collector.step() > 0:
+        pass
+    rows = read_jsonl(out)
+    assert sorted(row["n"] for row in rows) == list(range(160))
+    collector.trim()
+    assert r.xlen(k.RESULTS_STREAM) == 0
