@@ -165,6 +165,8 @@ def test_flower_sees_the_worker_and_its_finished_tasks(
         assert task["name"] == TASK_GENERATE
         assert task["worker"] == worker_name
         assert task["succeeded"] >= task["started"] >= task["received"] > 0
+        # Its arguments in short form: which job, item, row and images (not the whole row).
+        assert f"job {summary.job_id}" in task["kwargs"] and ".jpg]" in task["kwargs"]
 
     # and its Prometheus endpoint, which Prometheus scrapes without credentials, counts them.
     status, body = flower.get("/metrics", auth=None)
