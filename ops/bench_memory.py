@@ -234,7 +234,9 @@ def producer_section(args: argparse.Namespace, url: str, tmp: Path, images: list
     samples: list[tuple[float, int, int]] = []
     started = time.perf_counter()
     with log_path.open("wb") as log:
-        proc = spawn(command, env={**os.environ, "IMAGEQA_REDIS_URL": url}, stdout=log, stderr=log)
+        # No worker runs: lift the queue limit so the whole input streams into Redis.
+        env = {**os.environ, "IMAGEQA_REDIS_URL": url, "IMAGEQA_MAX_QUEUED": "0"}
+        proc = spawn(command, env=env, stdout=log, stderr=log)
 
     def sample() -> None:
         try:

@@ -132,7 +132,10 @@ def enqueue_file(
                         )
                         counts["enqueued"] += 1
                 pipe.hincrby(k.job_key(job_id), "enqueued", sum(1 for d in done_flags if not d))
-                pipe.execute()
+                pipe.llen(k.QUEUE_GENERATE)
+                queued = pipe.execute()[-1]
+                if settings.max_queued and queued > settings.max_queued:
+                    _wait_for_room(r, settings.max_queued, queued)
                 if on_progress:
                     on_progress(counts["rows"])
         # Only a complete pass closes the job: after a failure the rerun must be able to finish it.
@@ -147,6 +150,18 @@ def enqueue_file(
         r.close()
     log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())
     return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
+
+
+def _wait_for_room(r: redis.Redis, limit: int, queued: int, poll_s: float = 0.5) -> None:
+    """Backpressure: waits until the workers have taken the queue down to 90% of ``limit``, so Redis
+    holds a bounded number of tasks however long the input is."""
+    log.warning(
+        "%d tasks are waiting in the queue (IMAGEQA_MAX_QUEUED=%d): pausing until workers take them",
+        queued,
+        limit,
+    )
+    while int(r.llen(k.QUEUE_GENERATE)) > limit * 0.9:
+        time.sleep(poll_s)
 
 
 def _message(

@@ -22,3 +22,6 @@ class ProducerSettings(RedisSettings):
     output_key: str = "qa_pairs"
     enqueue_batch: int = 500
     """Rows checked against the job's done set per Redis round trip."""
+    max_queued: int = 250_000
+    """The producer pauses while more tasks than this wait in the queue (about 2.4 KB of Redis memory
+    each), until workers have taken it down to 90%; 0: no limit."""

@@ -1,4 +1,5 @@
-"""Job control: status with rate and failures by code, cancel, the completion event and callback task."""
+"""Job control: status with rate and failures by code, cancel, the completion event and callback task,
+and backpressure on the producer."""
 
 from __future__ import annotations
 
@@ -113,3 +114,44 @@ def test_a_finished_job_announces_itself_and_sends_the_callback_task(fake_cluste
     assert message["headers"]["task"] == "myapp.qa_ready"
     _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert kwargs == events[0]
+
+
+def test_the_producer_pauses_while_the_queue_is_full_and_still_sends_every_row(media, tmp_path):
+    redis_client(URL).flushdb()
+    images = make_images(media, 8)
+    rows = [{"image": images[i % 8].name, "n": i} for i in range(40)]
+    source = write_jsonl(media / "in.jsonl", rows)
+    env = {
+        "IMAGEQA_REDIS_URL": URL,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_FAKE_DELAY_S": "0.05",
+        "IMAGEQA_CONCURRENCY": "2",
+    }
+    worker = WorkerProcess(env, tmp_path / "w.log").start(60)
+    deepest = 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal deepest
+        r = redis_client(URL)
+        while not sampling.is_set():
+            deepest = max(deepest, int(r.llen(k.QUEUE_GENERATE)))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    output = tmp_path / "out.jsonl"
+    try:
+        with CollectorThread(URL):
+            sampler.start()
+            settings = ProducerSettings(redis_url=URL, enqueue_batch=3, max_queued=6)
+            summary = enqueue_file(source, output, settings=settings, params=PARAMS)
+            sampling.set()
+            st = wait_done(URL, summary.job_id, timeout_s=60)
+    finally:
+        sampling.set()
+        worker.stop()
+    # The queue never held more than the limit plus one batch, and every row was still written.
+    assert 0 < deepest <= 6 + 3
+    assert summary.enqueued == 40 and st.written == 40
+    assert sorted(row["n"] for row in read_jsonl(output)) == list(range(40))
