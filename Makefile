@@ -41,7 +41,7 @@ bench: model
 	$(PY) ops/bench_shared.py | tee out/bench-shared.txt
 	$(PY) ops/bench_memory.py | tee out/bench-memory.txt
 	$(PY) ops/bench_images.py --model $(TINY_MODEL) --rounds 5 | tee out/bench-images.txt
-	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 3 | tee out/bench-engine.txt
+	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 5 | tee out/bench-engine.txt
 	@echo; echo "Summary:"; grep -h '^BENCH ' out/bench-shared.txt out/bench-memory.txt out/bench-images.txt out/bench-engine.txt
 
 clean:

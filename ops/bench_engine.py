@@ -239,16 +239,18 @@ def main() -> None:
     print(f"{args.n} images per path and round; engine start excluded; greedy decoding (temperature 0).")
     print()
     header = "| round | offline LLM.chat | worker path | worker/offline |"
-    print(header + (" AsyncLLM, no Celery | AsyncLLM/offline |" if control else ""))
-    print("|---" * (4 + (2 if control else 0)) + "|")
+    print(header + (" AsyncLLM, no Celery | AsyncLLM/offline | worker/AsyncLLM |" if control else ""))
+    print("|---" * (4 + (3 if control else 0)) + "|")
     for i, (o, w, q) in enumerate(zip(offline, worker, ratios, strict=True)):
-        extra = f" {control[i]:.1f} | {control[i] / o:.2f} |" if control else ""
+        extra = f" {control[i]:.1f} | {control[i] / o:.2f} | {w / control[i]:.2f} |" if control else ""
         print(f"| {i + 1} | {o:.1f} | {w:.1f} | {q:.2f} |" + extra)
-    print(f"BENCH engine_offline_images_per_s={statistics.median(offline):.1f}")
-    print(f"BENCH worker_images_per_s={statistics.median(worker):.1f}")
+    print(f"BENCH engine_offline_images_per_s={statistics.median(offline):.1f} target=-")
+    print(f"BENCH worker_images_per_s={statistics.median(worker):.1f} target=-")
     if control:
         control_ratio = statistics.median([c / o for c, o in zip(control, offline, strict=True)])
-        print(f"BENCH asyncllm_over_offline={control_ratio:.2f}")
+        print(f"BENCH asyncllm_over_offline={control_ratio:.2f} target=-")
+        cluster_ratio = statistics.median([w / c for w, c in zip(worker, control, strict=True)])
+        print(f"BENCH worker_over_asyncllm={cluster_ratio:.2f} target=-")
     print(f"BENCH worker_over_offline={statistics.median(ratios):.2f} target=0.95")
 
 
