@@ -145,7 +145,11 @@ def offline_child(spec_path: str) -> None:
 def worker_run(redis_url: str, folder: Path, images: list[Path], params: GenerationParams, tag: str) -> float:
     rows = [{"image": str(p), "bench": tag, "i": i} for i, p in enumerate(images)]
     source = write_jsonl(folder / f"in-{tag}.jsonl", rows)
-    collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=50, consumer=f"bench-{tag}"))
+    collector = Collector(
+        CollectorSettings(
+            redis_url=redis_url, block_ms=50, consumer=f"bench-{tag}", output_dir=folder / "unregistered"
+        )
+    )
     stop = threading.Event()
     thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
     thread.start()

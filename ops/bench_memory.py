@@ -42,16 +42,16 @@ from ops.benchlib import (  # noqa: E402
     private_redis,
     proc_cpu_s,
     proc_memory,
+    put_results,
     spawn,
     stop_children,
     wait_child,
 )
 from producer import constants as k  # noqa: E402
 from producer.broker import redis_client  # noqa: E402
-from producer.contract import GenerationParams, QAPair, QAStats, ResultRecord  # noqa: E402
-from producer.enqueue import default_errors_path, enqueue_file  # noqa: E402
-from producer.jobs import JobStatus, job_status, register_job  # noqa: E402
-from producer.results import publish  # noqa: E402
+from producer.contract import GenerationParams  # noqa: E402
+from producer.enqueue import enqueue_file  # noqa: E402
+from producer.jobs import JobStatus, job_status  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.helpers import CollectorThread, WorkerProcess, make_images  # noqa: E402
 
@@ -290,24 +290,6 @@ def producer_section(args: argparse.Namespace, url: str, tmp: Path, images: list
 # --- 3. collector -----------------------------------------------------------------------------
 
 
-def result_record(job_id: str, i: int, image: str) -> ResultRecord:
-    return ResultRecord(
-        job_id=job_id,
-        item_id=f"{i:032x}",
-        row_index=i,
-        row={"image": [image], "n": i},
-        qa_pairs=[
-            QAPair(question=f"How many images ({i:08x})?", answer="1"),
-            QAPair(question="What size is the image?", answer="96x64"),
-            QAPair(question="What colour dominates the picture?", answer="blue"),
-        ],
-        qa_stats=QAStats(tries=1),
-        model="fake",
-        worker="bench@localhost",
-        elapsed_s=0.01,
-    )
-
-
 def collector_child(url: str, job_id: str, rows: int) -> None:
     """Runs a `Collector` until ``rows`` rows of ``job_id`` are written; prints its figures."""
     from workers.collector import Collector
@@ -349,27 +331,13 @@ def collector_child(url: str, job_id: str, rows: int) -> None:
 
 def collector_section(args: argparse.Namespace, url: str, tmp: Path, images: list[str]) -> list[str]:
     r = redis_client(url)
-    params_json = GenerationParams().model_dump_json()
     results: list[dict[str, Any]] = []
     for n in args.collector_rows:
         r.flushdb()
         job_id = f"bench-memory-collector-{n}"
         output = tmp / f"collector-{n}.jsonl"
-        register_job(
-            r,
-            job_id,
-            output_path=str(output),
-            errors_path=str(default_errors_path(output)),
-            output_key="qa_pairs",
-            input_path=str(tmp / f"collector-in-{n}.jsonl"),
-            params_json=params_json,
-        )
         t0 = time.perf_counter()
-        for chunk in range(0, n, 1000):
-            pipe = r.pipeline(transaction=False)
-            for i in range(chunk, min(n, chunk + 1000)):
-                publish(pipe, result_record(job_id, i, images[i % len(images)]))
-            pipe.execute()
+        put_results(r, job_id, output, n, images)
         print(f"collector: {n} records on the stream in {time.perf_counter() - t0:.1f} s", flush=True)
         log_path = tmp / f"collector-{n}.log"
         with log_path.open("wb") as log:

@@ -35,13 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ops.benchlib import private_redis, proc_cpu_s  # noqa: E402
+from ops.benchlib import private_redis, proc_cpu_s, put_results  # noqa: E402
 from producer import constants as k  # noqa: E402
 from producer.broker import redis_client  # noqa: E402
-from producer.contract import GenerationParams, QAPair, ResultRecord  # noqa: E402
+from producer.contract import GenerationParams  # noqa: E402
 from producer.enqueue import enqueue_file  # noqa: E402
-from producer.jobs import job_status, register_job  # noqa: E402
-from producer.results import publish  # noqa: E402
+from producer.jobs import job_status  # noqa: E402
 from producer.settings import ProducerSettings  # noqa: E402
 from tests.helpers import WorkerProcess, make_images, read_jsonl, write_jsonl  # noqa: E402
 from workers.collector import Collector  # noqa: E402
@@ -68,35 +67,7 @@ def bench_collect(url: str, folder: Path, rows: int, image: Path) -> dict[str, f
     r.flushdb()
     out = folder / "collect-out.jsonl"
     out.unlink(missing_ok=True)
-    job = "bench-collect"
-    register_job(
-        r,
-        job,
-        output_path=str(out),
-        errors_path=str(folder / "collect-out.errors.jsonl"),
-        output_key="qa_pairs",
-        input_path=str(folder / "collect.jsonl"),
-        params_json=GenerationParams().model_dump_json(),
-    )
-    pairs = [
-        QAPair(question=f"What is shown in part {i}?", answer=f"Part {i} of a street.") for i in range(3)
-    ]
-    pipe = r.pipeline(transaction=False)
-    for i in range(rows):
-        record = ResultRecord(
-            job_id=job,
-            item_id=f"{i:032x}",
-            row_index=i,
-            row={"image": [str(image)], "n": i},
-            qa_pairs=pairs,
-            model="bench",
-            worker="bench",
-            elapsed_s=0.01,
-        )
-        publish(pipe, record)
-        if len(pipe) >= 1000:
-            pipe.execute()
-    pipe.execute()
+    put_results(r, "bench-collect", out, rows, [str(image)])
     collector = Collector(CollectorSettings(redis_url=url, block_ms=10, metrics_port=0))
     collector.ensure_group()
     started = time.perf_counter()

@@ -15,6 +15,10 @@ from typing import Any
 import redis
 
 from producer.broker import redis_client
+from producer.contract import GenerationParams, QAPair, QAStats, ResultRecord
+from producer.enqueue import default_errors_path
+from producer.jobs import register_job
+from producer.results import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -125,3 +129,41 @@ def private_redis(folder: Path) -> Iterator[str]:
             client.close()
         return
     raise SystemExit(f"redis-server did not start; see {folder}/redis-*.log")
+
+
+def result_record(job_id: str, i: int, image: str) -> ResultRecord:
+    """A worker's result for row ``i``: three pairs, as the fake engine writes them."""
+    return ResultRecord(
+        job_id=job_id,
+        item_id=f"{i:032x}",
+        row_index=i,
+        row={"image": [image], "n": i},
+        qa_pairs=[
+            QAPair(question=f"How many images ({i:08x})?", answer="1"),
+            QAPair(question="What size is the image?", answer="96x64"),
+            QAPair(question="What colour dominates the picture?", answer="blue"),
+        ],
+        qa_stats=QAStats(tries=1),
+        model="fake",
+        worker="bench@localhost",
+        elapsed_s=0.01,
+    )
+
+
+def put_results(r: redis.Redis, job_id: str, output: Path, rows: int, images: list[str]) -> None:
+    """Registers a job writing to ``output`` and puts ``rows`` of its results on the results stream,
+    as workers would, for a collector to write."""
+    register_job(
+        r,
+        job_id,
+        output_path=str(output),
+        errors_path=str(default_errors_path(output)),
+        output_key="qa_pairs",
+        input_path=str(output.with_suffix(".in.jsonl")),
+        params_json=GenerationParams().model_dump_json(),
+    )
+    for chunk in range(0, rows, 1000):
+        pipe = r.pipeline(transaction=False)
+        for i in range(chunk, min(rows, chunk + 1000)):
+            publish(pipe, result_record(job_id, i, images[i % len(images)]))
+        pipe.execute()

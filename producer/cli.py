@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 import typer
@@ -104,23 +106,24 @@ VerifyOption = Annotated[
 
 
 def generation_params(
-    model: str | None,
-    pairs: str,
-    max_tokens: int = 1024,
-    max_question_chars: int = 300,
-    max_answer_chars: int = 500,
-    temperature: float = 0.7,
+    model: ModelOption = None,
+    pairs: PairsOption = "3-5",
+    max_tokens: MaxTokensOption = 1024,
+    max_question_chars: QuestionCharsOption = 300,
+    max_answer_chars: AnswerCharsOption = 500,
+    temperature: TemperatureOption = 0.7,
     *,
-    prompt: str = PROMPT_VERSION,
-    prompt_file: Path | None = None,
-    system_prompt: str | None = None,
-    min_question_chars: int = 8,
-    min_answer_chars: int = 1,
-    skip_checks: list[str] | None = None,
-    tries: int = 3,
-    verify: bool = False,
+    prompt: PromptOption = PROMPT_VERSION,
+    prompt_file: PromptFileOption = None,
+    system_prompt: SystemPromptOption = None,
+    min_question_chars: MinQuestionCharsOption = 8,
+    min_answer_chars: MinAnswerCharsOption = 1,
+    skip_checks: SkipCheckOption = None,
+    tries: TriesOption = 3,
+    verify: VerifyOption = False,
 ) -> GenerationParams:
-    """`GenerationParams` from command-line options; raises ``typer.BadParameter``."""
+    """`GenerationParams` from command-line options (declared here, for every command that generates:
+    `with_generation_options`); raises ``typer.BadParameter``."""
     min_pairs, max_pairs = parse_pairs(pairs)
     if prompt not in PROMPT_NAMES:
         raise typer.BadParameter(
@@ -156,6 +159,24 @@ def generation_params(
         raise typer.BadParameter(str(e)) from None
 
 
+def with_generation_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Gives a command the generation options of `generation_params` in place of its keyword
+    parameter ``params``, which receives them as one `GenerationParams`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "params"]
+    options = list(inspect.signature(generation_params, eval_str=True).parameters.values())
+    names = [p.name for p in options]
+
+    @functools.wraps(command, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
+    def wrapper(**kwargs: Any) -> None:
+        params = generation_params(**{name: kwargs.pop(name) for name in names})
+        command(params=params, **kwargs)
+
+    parameters = own + options
+    wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
+
+
 def _text_or_file(value: str | None) -> str | None:
     if value is None or not value.startswith("@"):
         return value
@@ -175,15 +196,10 @@ def fail(error: Exception) -> typer.Exit:
 
 
 @app.command()
+@with_generation_options
 def enqueue(
     input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, written by the collector.")],
-    model: ModelOption = None,
-    pairs: PairsOption = "3-5",
-    max_tokens: MaxTokensOption = 1024,
-    max_question_chars: QuestionCharsOption = 300,
-    max_answer_chars: AnswerCharsOption = 500,
-    temperature: TemperatureOption = 0.7,
     job_id: Annotated[
         str | None, typer.Option(help="Job id (default: from input, output, settings).")
     ] = None,
@@ -192,33 +208,11 @@ def enqueue(
     ] = None,
     on_done_task: Annotated[str | None, typer.Option(help="Celery task sent when the job finishes.")] = None,
     on_done_queue: Annotated[str, typer.Option(help="Queue of --on-done-task.")] = "celery",
-    prompt: PromptOption = PROMPT_VERSION,
-    prompt_file: PromptFileOption = None,
-    system_prompt: SystemPromptOption = None,
-    min_question_chars: MinQuestionCharsOption = 8,
-    min_answer_chars: MinAnswerCharsOption = 1,
-    skip_check: SkipCheckOption = None,
-    tries: TriesOption = 3,
-    verify: VerifyOption = False,
+    *,
+    params: GenerationParams,
 ) -> None:
     """Enqueue one task per input row for the workers; prints the job id."""
     settings = ProducerSettings()
-    params = generation_params(
-        model,
-        pairs,
-        max_tokens,
-        max_question_chars,
-        max_answer_chars,
-        temperature,
-        prompt=prompt,
-        prompt_file=prompt_file,
-        system_prompt=system_prompt,
-        min_question_chars=min_question_chars,
-        min_answer_chars=min_answer_chars,
-        skip_checks=skip_check,
-        tries=tries,
-        verify=verify,
-    )
     try:
         summary = enqueue_file(
             input_path,

@@ -13,27 +13,21 @@ import typer
 
 from producer.cli import (
     AnswerCharsOption,
-    MaxTokensOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
     ModelOption,
     PairsOption,
-    PromptFileOption,
-    PromptOption,
     QuestionCharsOption,
     SkipCheckOption,
-    SystemPromptOption,
-    TemperatureOption,
-    TriesOption,
-    VerifyOption,
     app,
     console,
     fail,
     generation_params,
     setup_logging,
     wait_for_job,
+    with_generation_options,
 )
-from producer.contract import PROMPT_VERSION
+from producer.contract import GenerationParams
 from producer.errors import ImageQAError
 
 EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (default), openai or fake.")]
@@ -117,54 +111,27 @@ def healthcheck(
 
 
 @app.command()
+@with_generation_options
 def run(
     input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL.")],
-    model: ModelOption = None,
-    pairs: PairsOption = "3-5",
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
     input_format: Annotated[str | None, typer.Option("--format")] = None,
     stall_timeout_s: Annotated[
         float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
     ] = 3600.0,
-    max_tokens: MaxTokensOption = 1024,
-    max_question_chars: QuestionCharsOption = 300,
-    max_answer_chars: AnswerCharsOption = 500,
-    temperature: TemperatureOption = 0.7,
-    prompt: PromptOption = PROMPT_VERSION,
-    prompt_file: PromptFileOption = None,
-    system_prompt: SystemPromptOption = None,
-    min_question_chars: MinQuestionCharsOption = 8,
-    min_answer_chars: MinAnswerCharsOption = 1,
-    skip_check: SkipCheckOption = None,
-    tries: TriesOption = 3,
-    verify: VerifyOption = False,
+    *,
+    params: GenerationParams,
 ) -> None:
     """Run the whole system on this box: Redis (embedded unless IMAGEQA_REDIS_URL answers), a worker,
     the collector and the producer; exits 0 when every row is written or failed."""
     from workers.local import LocalCluster
 
-    params = generation_params(
-        model,
-        pairs,
-        max_tokens,
-        max_question_chars,
-        max_answer_chars,
-        temperature,
-        prompt=prompt,
-        prompt_file=prompt_file,
-        system_prompt=system_prompt,
-        min_question_chars=min_question_chars,
-        min_answer_chars=min_answer_chars,
-        skip_checks=skip_check,
-        tries=tries,
-        verify=verify,
-    )
     try:
         with LocalCluster(
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
-            model=model,
+            model=params.model,
             engine=engine,
             concurrency=concurrency,
             log=console,

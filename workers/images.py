@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import ipaddress
 import math
@@ -124,7 +123,7 @@ def _read_file(path: Path, settings: ImageSettings) -> bytes:
     if not path.is_absolute():
         raise ImageError(f"image path {str(path)!r} is not absolute", code="path_not_allowed")
     real = path.resolve()
-    if not any(real.is_relative_to(root) for root in _resolved_roots(tuple(settings.media_roots))):
+    if not any(real.is_relative_to(root) for root in settings.roots()):
         raise ImageError(f"{path} is outside the allowed media roots", code="path_not_allowed")
     try:
         with real.open("rb") as f:
@@ -140,18 +139,6 @@ def _read_file(path: Path, settings: ImageSettings) -> bytes:
         raise ImageError(f"{path} is a folder, not an image", code="image_unreadable") from e
     except PermissionError as e:
         raise ImageError(f"no permission to read {path}", code="image_unreadable") from e
-
-
-def _resolved_roots(roots: tuple[Path, ...]) -> list[Path]:
-    """`ImageSettings.roots`, resolved once per set of roots (resolving costs a syscall per part)."""
-    if not roots:
-        return [Path.cwd().resolve()]
-    return _resolve_all(roots)
-
-
-@functools.lru_cache(maxsize=64)
-def _resolve_all(roots: tuple[Path, ...]) -> list[Path]:
-    return [p.resolve() for p in roots]
 
 
 def _data_uri(ref: str, max_bytes: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -34,7 +35,13 @@ class ImageSettings(RedisSettings):
         return value
 
     def roots(self) -> list[Path]:
-        return [p.resolve() for p in (self.media_roots or [Path.cwd()])]
+        """The media roots, resolved (once per set of roots: resolving costs a syscall per path part)."""
+        return _resolved(tuple(self.media_roots) or (Path.cwd(),))
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(roots: tuple[Path, ...]) -> list[Path]:
+    return [p.resolve() for p in roots]
 
 
 class WorkerSettings(ImageSettings):
