@@ -1,13 +1,15 @@
-"""The collector keeps the results stream short: what every group has acknowledged is dropped."""
+"""The collector keeps the results stream short (what every group has acknowledged is dropped) and
+finishes a job whose last batch a killed collector wrote."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from producer import constants as k
+from producer import jobs
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, ResultRecord
-from producer.jobs import register_job
+from producer.jobs import job_status, register_job
 from producer.results import publish
 from tests.helpers import read_jsonl
 from workers.collector import Collector
@@ -29,11 +31,10 @@ def _publish(url: str, job: str, first: int, count: int) -> None:
     pipe.execute()
 
 
-def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url: str, tmp_path: Path):
-    r = redis_client(redis_url)
+def _register(url: str, tmp_path: Path) -> Path:
     out = tmp_path / "out.jsonl"
     register_job(
-        r,
+        redis_client(url),
         "job",
         output_path=str(out),
         errors_path=str(tmp_path / "out.errors.jsonl"),
@@ -41,6 +42,12 @@ def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url
         input_path=str(tmp_path / "in.jsonl"),
         params_json=GenerationParams().model_dump_json(),
     )
+    return out
+
+
+def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url: str, tmp_path: Path):
+    r = redis_client(redis_url)
+    out = _register(redis_url, tmp_path)
     collector = Collector(CollectorSettings(redis_url=redis_url, batch_size=50, metrics_port=0))
     collector.ensure_group()
     _publish(redis_url, "job", 0, 120)
@@ -66,3 +73,30 @@ def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url
     assert sorted(row["n"] for row in rows) == list(range(160))
     collector.trim()
     assert r.xlen(k.RESULTS_STREAM) == 0
+
+
+def test_a_job_whose_last_batch_was_written_before_a_crash_is_finished_on_restart(
+    redis_url: str, tmp_path: Path, monkeypatch
+):
+    # Given a job fully enqueued whose every row a collector wrote, the collector dying before it
+    # could mark the job done
+    r = redis_client(redis_url)
+    out = _register(redis_url, tmp_path)
+    r.sadd(k.job_items_key("job"), *[f"item-{i}" for i in range(10)])
+    r.hset(k.job_key("job"), "enqueue_complete", 1)
+    _publish(redis_url, "job", 0, 10)
+    dying = Collector(CollectorSettings(redis_url=redis_url, metrics_port=0))
+    monkeypatch.setattr(jobs, "finish_if_complete", lambda *args, **kwargs: False)
+    dying.start()
+    dying.step()
+    monkeypatch.undo()
+    status = job_status(r, "job")
+    assert status is not None and status.written == 10 and not status.finished
+
+    # When a collector starts again, with nothing left to write
+    Collector(CollectorSettings(redis_url=redis_url, metrics_port=0)).start()
+
+    # Then the job is done, and announced as such
+    status = job_status(r, "job")
+    assert status is not None and status.finished and status.state == "done"
+    assert len(read_jsonl(out)) == 10

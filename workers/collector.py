@@ -88,6 +88,7 @@ class Collector:
         self.recover()
         while self.step(start_id="0") > 0:
             pass
+        self.finish_open_jobs()
 
     def ensure_group(self) -> None:
         try:
@@ -113,6 +114,17 @@ class Collector:
                     log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
                     os.truncate(path, size)
             self.r.delete(key)
+
+    def finish_open_jobs(self) -> None:
+        """Marks done the jobs whose rows are all written but which are not marked finished: a
+        collector killed between writing a job's last batch and marking the job leaves one behind."""
+        job_ids: list[bytes] = self.r.zrange(k.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hexists(k.job_key(job_id.decode()), "finished_at")
+        for job_id, finished in zip(job_ids, pipe.execute(), strict=True):
+            if not finished and jobs.finish_if_complete(self.r, job_id.decode(), self._send_task):
+                log.info("job %s: every row was written before a restart; marked done", job_id.decode())
 
     def maybe_claim(self) -> None:
         """Takes over entries that another, dead collector read but never acked."""
