@@ -26,7 +26,7 @@ from producer.contract import (
     TaskMessage,
     canonical_json,
 )
-from producer.errors import InputError
+from producer.errors import ErrorCode, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
 from producer.results import publish
 from producer.settings import ProducerSettings
@@ -171,7 +171,9 @@ def _message(
         raise raw.error
     size = len(canonical_json(raw.row))
     if size > MAX_ROW_BYTES:
-        raise InputError(f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", code="row_too_large")
+        raise InputError(
+            f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", code=ErrorCode.ROW_TOO_LARGE
+        )
     refs = [resolve_ref(ref, base) for ref in row_images(raw.row, image_key)]
     return TaskMessage(
         job_id=job_id,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from producer.contract import MAX_IMAGES_PER_ROW, canonical_json
-from producer.errors import InputError
+from producer.errors import ErrorCode, InputError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 URI_SCHEMES = frozenset({"http", "https", "file", "data"})
@@ -48,14 +48,14 @@ def detect_format(path: Path) -> str:
         return "parquet"
     raise InputError(
         f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .parquet or a folder)",
-        code="input_unreadable",
+        code=ErrorCode.INPUT_UNREADABLE,
     )
 
 
 def read_rows(path: Path, fmt: str | None = None) -> Iterator[RawRow]:
     """Streams the rows of an input file or folder; a row that does not parse is yielded with its error."""
     if not path.exists():
-        raise InputError(f"input not found: {path}", code="input_not_found")
+        raise InputError(f"input not found: {path}", code=ErrorCode.INPUT_NOT_FOUND)
     fmt = fmt or detect_format(path)
     readers = {
         "jsonl": _read_jsonl,
@@ -88,11 +88,11 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     try:
         data = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON: {e}", code="input_unreadable") from e
+        raise InputError(f"{path} is not valid JSON: {e}", code=ErrorCode.INPUT_UNREADABLE) from e
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise InputError(f"{path} must hold a JSON list of rows", code="input_unreadable")
+        raise InputError(f"{path} must hold a JSON list of rows", code=ErrorCode.INPUT_UNREADABLE)
     for index, row in enumerate(data):
         yield RawRow(index, row)
 
@@ -140,22 +140,26 @@ def _read_folder(path: Path) -> Iterator[RawRow]:
 def row_images(row: Any, image_key: str) -> list[str]:
     """The row's image references; a bare string is a one-image list. Raises `InputError`."""
     if not isinstance(row, dict):
-        raise InputError(f"row is a {type(row).__name__}, not a JSON object", code="row_malformed")
+        raise InputError(f"row is a {type(row).__name__}, not a JSON object", code=ErrorCode.ROW_MALFORMED)
     if image_key not in row:
-        raise InputError(f"row has no {image_key!r} field", code="image_key_missing")
+        raise InputError(f"row has no {image_key!r} field", code=ErrorCode.IMAGE_KEY_MISSING)
     value = row[image_key]
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, list):
-        raise InputError(f"{image_key!r} must be a string or a list of strings", code="image_ref_invalid")
+        raise InputError(
+            f"{image_key!r} must be a string or a list of strings", code=ErrorCode.IMAGE_REF_INVALID
+        )
     if not refs:
-        raise InputError(f"{image_key!r} is an empty list", code="image_list_empty")
+        raise InputError(f"{image_key!r} is an empty list", code=ErrorCode.IMAGE_LIST_EMPTY)
     if len(refs) > MAX_IMAGES_PER_ROW:
         raise InputError(
-            f"{len(refs)} images in one row; at most {MAX_IMAGES_PER_ROW}", code="too_many_images"
+            f"{len(refs)} images in one row; at most {MAX_IMAGES_PER_ROW}", code=ErrorCode.TOO_MANY_IMAGES
         )
     for ref in refs:
         if not isinstance(ref, str) or not ref.strip():
-            raise InputError(f"image reference {ref!r} is not a non-empty string", code="image_ref_invalid")
+            raise InputError(
+                f"image reference {ref!r} is not a non-empty string", code=ErrorCode.IMAGE_REF_INVALID
+            )
     return refs
 
 
@@ -166,7 +170,7 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
         return ref
     if len(scheme) > 1:
         raise InputError(
-            f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code="image_ref_invalid"
+            f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code=ErrorCode.IMAGE_REF_INVALID
         )
     path = Path(ref)
     return str(path if path.is_absolute() else Path(os.path.normpath(base_dir / path)))

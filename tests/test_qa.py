@@ -5,8 +5,8 @@ import json
 import pytest
 
 from producer.contract import GenerationParams, QAPair
-from producer.errors import QAValidationError
-from workers.prompts import PromptError, build_prompt, prompt_spec, qa_schema, retry_prompt, verify_spec
+from producer.errors import PromptError, QAValidationError
+from workers.prompts import build_prompt, prompt_spec, qa_schema, retry_prompt, verify_spec
 from workers.qa import REASONS, PairPool, Rejection, answers_agree, check_output, check_pairs, parse_and_check
 
 PARAMS = GenerationParams(min_pairs=2, max_pairs=3, max_question_chars=60, max_answer_chars=40)

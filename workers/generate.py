@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from PIL.Image import Image
 
 from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord, TaskMessage
-from producer.errors import GenerationError, ImageQAError
+from producer.errors import ErrorCode, GenerationError, ImageQAError
 from workers import metrics
 from workers.engines.base import Engine, EngineRequest, SamplingSettings
 from workers.images import load_image
@@ -58,7 +58,7 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
         raise
     except Exception as e:  # a bug must cost one row, not the job
         log.exception("job %s item %s: unexpected failure", message.job_id, message.item_id)
-        outcome = {"error": ErrorInfo(code="internal_error", message=f"{type(e).__name__}: {e}")}
+        outcome = {"error": ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message=f"{type(e).__name__}: {e}")}
     elapsed_s = time.perf_counter() - started
     error = outcome.get("error")
     metrics.IMAGES.labels(
@@ -94,7 +94,7 @@ def _generate(
     if params.model and params.model != settings.model:
         raise ImageQAError(
             f"task asks for model {params.model!r}; this worker serves {settings.model!r}",
-            code="model_mismatch",
+            code=ErrorCode.MODEL_MISMATCH,
         )
     with metrics.stage("load"):
         images = [load_image(ref, settings) for ref in message.images]
@@ -203,7 +203,7 @@ def _run(runtime: EngineRuntime, coro: Coroutine[Any, Any, T], remaining_s: floa
         with metrics.stage("engine"):
             return runtime.run(coro, timeout_s=max(1.0, remaining_s))
     except TimeoutError as e:
-        raise GenerationError(str(e), code="engine_timeout") from e
+        raise GenerationError(str(e), code=ErrorCode.ENGINE_TIMEOUT) from e
     except ImageQAError:
         raise
     except Exception as e:

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from producer.errors import ImageError
+from producer.errors import ErrorCode, ImageError
 from workers.settings import ImageSettings
 
 
@@ -39,7 +39,7 @@ def read_bytes(ref: str, settings: ImageSettings) -> bytes:
 
 def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Image.Image:
     if not data:
-        raise ImageError(f"{_short(ref)} is empty (0 bytes)", code="image_unreadable")
+        raise ImageError(f"{_short(ref)} is empty (0 bytes)", code=ErrorCode.IMAGE_UNREADABLE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -48,7 +48,7 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
             if width * height > settings.max_image_pixels:
                 raise ImageError(
                     f"{_short(ref)} is {width}x{height}, over {settings.max_image_pixels} pixels",
-                    code="image_too_large",
+                    code=ErrorCode.IMAGE_TOO_LARGE,
                 )
             image = probe
             if type(probe).verify is not ImageFile.ImageFile.verify:  # PNG checks its CRCs: then reopen
@@ -60,9 +60,13 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"{_short(ref)} is a decompression bomb: {e}", code="image_too_large") from e
+            raise ImageError(
+                f"{_short(ref)} is a decompression bomb: {e}", code=ErrorCode.IMAGE_TOO_LARGE
+            ) from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"{_short(ref)} is not a readable image: {e}", code="image_unreadable") from e
+            raise ImageError(
+                f"{_short(ref)} is not a readable image: {e}", code=ErrorCode.IMAGE_UNREADABLE
+            ) from e
     decoded: Image.Image = image
     if drafted is not None:
         # To the final size now, from the area that holds the full image (the decoder pads to whole
@@ -121,36 +125,38 @@ def _draft(
 
 def _read_file(path: Path, settings: ImageSettings) -> bytes:
     if not path.is_absolute():
-        raise ImageError(f"image path {str(path)!r} is not absolute", code="path_not_allowed")
+        raise ImageError(f"image path {str(path)!r} is not absolute", code=ErrorCode.PATH_NOT_ALLOWED)
     real = path.resolve()
     if not any(real.is_relative_to(root) for root in settings.roots()):
-        raise ImageError(f"{path} is outside the allowed media roots", code="path_not_allowed")
+        raise ImageError(f"{path} is outside the allowed media roots", code=ErrorCode.PATH_NOT_ALLOWED)
     try:
         with real.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > settings.max_image_bytes:
                 raise ImageError(
-                    f"{path} is {size} bytes, over {settings.max_image_bytes}", code="image_too_large"
+                    f"{path} is {size} bytes, over {settings.max_image_bytes}", code=ErrorCode.IMAGE_TOO_LARGE
                 )
             return f.read()
     except FileNotFoundError as e:
-        raise ImageError(f"image file not found: {path}", code="image_not_found") from e
+        raise ImageError(f"image file not found: {path}", code=ErrorCode.IMAGE_NOT_FOUND) from e
     except IsADirectoryError as e:
-        raise ImageError(f"{path} is a folder, not an image", code="image_unreadable") from e
+        raise ImageError(f"{path} is a folder, not an image", code=ErrorCode.IMAGE_UNREADABLE) from e
     except PermissionError as e:
-        raise ImageError(f"no permission to read {path}", code="image_unreadable") from e
+        raise ImageError(f"no permission to read {path}", code=ErrorCode.IMAGE_UNREADABLE) from e
 
 
 def _data_uri(ref: str, max_bytes: int) -> bytes:
     header, sep, payload = ref.partition(",")
     if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-        raise ImageError("data: URI must look like data:image/<type>;base64,<data>", code="image_ref_invalid")
+        raise ImageError(
+            "data: URI must look like data:image/<type>;base64,<data>", code=ErrorCode.IMAGE_REF_INVALID
+        )
     if len(payload) * 3 // 4 > max_bytes:
-        raise ImageError(f"data: URI is over {max_bytes} bytes", code="image_too_large")
+        raise ImageError(f"data: URI is over {max_bytes} bytes", code=ErrorCode.IMAGE_TOO_LARGE)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ImageError(f"data: URI is not valid base64: {e}", code="image_ref_invalid") from e
+        raise ImageError(f"data: URI is not valid base64: {e}", code=ErrorCode.IMAGE_REF_INVALID) from e
 
 
 def _fetch(url: str, settings: ImageSettings) -> bytes:
@@ -162,9 +168,11 @@ def _fetch(url: str, settings: ImageSettings) -> bytes:
         with urllib.request.urlopen(request, timeout=settings.url_timeout_s) as response:
             data = response.read(settings.max_image_bytes + 1)
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ImageError(f"cannot fetch {_short(url)}: {e}", code="image_fetch_failed") from e
+        raise ImageError(f"cannot fetch {_short(url)}: {e}", code=ErrorCode.IMAGE_FETCH_FAILED) from e
     if len(data) > settings.max_image_bytes:
-        raise ImageError(f"{_short(url)} is over {settings.max_image_bytes} bytes", code="image_too_large")
+        raise ImageError(
+            f"{_short(url)} is over {settings.max_image_bytes} bytes", code=ErrorCode.IMAGE_TOO_LARGE
+        )
     return data
 
 
@@ -172,13 +180,13 @@ def _refuse_private(host: str) -> None:
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror as e:
-        raise ImageError(f"cannot resolve {host!r}: {e}", code="image_fetch_failed") from e
+        raise ImageError(f"cannot resolve {host!r}: {e}", code=ErrorCode.IMAGE_FETCH_FAILED) from e
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
         if not address.is_global:
             raise ImageError(
                 f"{host} resolves to non-public address {address}; set IMAGEQA_ALLOW_PRIVATE_URLS=1 to allow",
-                code="url_not_allowed",
+                code=ErrorCode.URL_NOT_ALLOWED,
             )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.contract import GenerationParams
-from producer.errors import ImageQAError
+from producer.errors import PromptError
 
 SYSTEM_PROMPT = "You are a careful annotator who writes question-answer pairs about images."
 QUESTION_MARKS = "?\uff1f\u061f"
@@ -35,12 +35,6 @@ VERIFY_TEMPERATURE = 0.0
 _CHAR = r"[^\s\p{Cc}]"
 _WORDS = rf"(?:{_CHAR}+ )*{_CHAR}*[\p{{L}}\p{{N}}]{_CHAR}*(?: {_CHAR}+)*"
 _EXAMPLE = '{"qa_pairs": [{"question": "...", "answer": "..."}]}'
-
-
-class PromptError(ImageQAError):
-    """Raised when a task names an unknown prompt."""
-
-    code = "prompt_invalid"
 
 
 @dataclass(frozen=True)

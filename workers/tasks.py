@@ -13,7 +13,7 @@ from celery.exceptions import Reject
 
 from producer import constants as k
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
-from producer.errors import ContractError
+from producer.errors import ContractError, ErrorCode
 from producer.results import publish
 from workers import metrics
 from workers.app import app, results_client, runtime, settings
@@ -76,7 +76,9 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
     if message.enqueued_at:
         metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
     if _cancel_flags.cancelled(message.job_id):
-        error = ErrorInfo(code="cancelled", message="the job was cancelled before this row was processed")
+        error = ErrorInfo(
+            code=ErrorCode.CANCELLED, message="the job was cancelled before this row was processed"
+        )
         _with_redis(lambda: publish(results_client(), _error(message.model_dump(mode="json"), error)))
         return
     if redelivered:
@@ -98,7 +100,7 @@ def _run(message: TaskMessage, attempts: int) -> ResultRecord:
         return _error(
             message.model_dump(mode="json"),
             ErrorInfo(
-                code="poison_item",
+                code=ErrorCode.POISON_ITEM,
                 message=f"started {attempts - 1} times, alone after the first, and never finished"
                 " (it crashes or hangs the worker)",
             ),

@@ -13,8 +13,8 @@ Servings: `LocalModelVLMServing_vllm` (vLLM in this process), `APIVLMServing_ope
 OpenAI-compatible server), `ClusterServing` (a running imageqa cluster), `LocalServing` (any engine).
 """
 
+from producer.errors import ClusterServingError, DataFlowError, StorageError
 from workers.dataflow.cluster import ClusterServing
-from workers.dataflow.errors import ClusterServingError, DataFlowError, StorageError
 from workers.dataflow.operator import ImageQAGenerate
 from workers.dataflow.servings import (
     APIVLMServing_openai,

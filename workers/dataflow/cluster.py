@@ -29,10 +29,9 @@ from producer import constants as k
 from producer.broker import check_redis, redact, redis_client
 from producer.contract import ErrorInfo, QAPair, canonical_json
 from producer.enqueue import enqueue_file
-from producer.errors import ImageQAError
+from producer.errors import ClusterServingError, ImageQAError
 from producer.jobs import JobStatus, job_status
 from producer.settings import ProducerSettings, RedisSettings
-from workers.dataflow.errors import ClusterServingError
 from workers.dataflow.servings import (
     RowInput,
     RowResult,

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from producer.contract import ErrorInfo
-from producer.errors import InputError
+from producer.errors import DataFlowError, ErrorCode, InputError
 from producer.inputs import resolve_ref, row_images
-from workers.dataflow.errors import DataFlowError
 from workers.dataflow.servings import RowInput, RowResult, RunContext, Serving
 
 log = logging.getLogger(__name__)
@@ -109,4 +108,4 @@ def _output_row(
 
 
 def _no_result() -> ErrorInfo:  # pragma: no cover - every serving returns one result per row
-    return ErrorInfo(code="internal_error", message="the serving returned no result for this row")
+    return ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="the serving returned no result for this row")

@@ -26,8 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from producer.contract import ErrorInfo, GenerationParams, QAPair, TaskMessage
-from producer.errors import ContractError
-from workers.dataflow.errors import DataFlowError
+from producer.errors import ContractError, DataFlowError, ErrorCode
 from workers.engines.base import Engine
 from workers.generate import process
 from workers.runtime import EngineRuntime
@@ -366,4 +365,4 @@ def _main_script_hidden() -> Iterator[None]:
 
 
 def _lost() -> ErrorInfo:  # pragma: no cover - every future yields a record or raises
-    return ErrorInfo(code="internal_error", message="no result for this row")
+    return ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message="no result for this row")

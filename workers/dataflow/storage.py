@@ -19,9 +19,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from producer.errors import InputError
+from producer.errors import ErrorCode, InputError, StorageError
 from producer.inputs import detect_format, read_rows, resolve_ref
-from workers.dataflow.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,8 @@ class FileStorage:
                 if not isinstance(raw.row, dict):
                     kind = type(raw.row).__name__
                     raise StorageError(
-                        f"{path}: row {raw.index + 1} is a {kind}, not an object", code="row_malformed"
+                        f"{path}: row {raw.index + 1} is a {kind}, not an object",
+                        code=ErrorCode.ROW_MALFORMED,
                     )
                 rows.append(raw.row)
         except InputError as e:

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from producer.errors import GenerationError
+from producer.errors import ErrorCode, GenerationError
 from workers.engines.base import Engine, EngineRequest
 
 if TYPE_CHECKING:
@@ -142,7 +142,11 @@ class OpenAIEngine(Engine):
                 raise GenerationError(f"{self.config.base_url} refused the request: {_describe(e)}") from e
             except openai.APIError as e:
                 if not _retryable(e) or retries >= self.config.max_retries:
-                    code = "engine_timeout" if isinstance(e, openai.APITimeoutError) else "engine_error"
+                    code = (
+                        ErrorCode.ENGINE_TIMEOUT
+                        if isinstance(e, openai.APITimeoutError)
+                        else ErrorCode.ENGINE_ERROR
+                    )
                     attempts = f" after {retries + 1} attempts" if retries else ""
                     raise GenerationError(
                         f"{self.config.base_url} failed{attempts}: {_describe(e)}", code=code
