@@ -415,7 +415,7 @@ def test_a_text_prompt_sends_no_schema_and_is_parsed_leniently(run_item):
 
 
 def test_engine_failures_and_unknown_prompts_are_error_rows_and_a_dead_engine_propagates(run_item):
-    from workers.generate import EngineDead
+    from workers.engines.base import EngineDead
 
     record = run_item(Script([RuntimeError("boom")]))
     assert record.error.code == "engine_error" and "boom" in record.error.message
@@ -423,11 +423,14 @@ def test_engine_failures_and_unknown_prompts_are_error_rows_and_a_dead_engine_pr
     record = run_item(Script([answer(("What is shown?", "A street."))]), prompt_version="nope")
     assert record.error.code == "prompt_invalid"
 
-    class EngineDeadError(Exception):
-        pass
-
     with pytest.raises(EngineDead):
-        run_item(Script([EngineDeadError("gone")]))
+        run_item(Script([EngineDead("gone")]))
+
+    class EngineDeadError(Exception):
+        """Only the engine decides that it is dead: another exception of that name is a failure."""
+
+    record = run_item(Script([EngineDeadError("gone")]))
+    assert record.error.code == "engine_error"
 
 
 def test_command_line_options_become_generation_parameters(tmp_path):

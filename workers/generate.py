@@ -21,7 +21,7 @@ from PIL.Image import Image
 from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord, TaskMessage
 from producer.errors import ErrorCode, GenerationError, ImageQAError
 from workers import metrics
-from workers.engines.base import Engine, EngineRequest, SamplingSettings
+from workers.engines.base import Engine, EngineDead, EngineRequest, SamplingSettings
 from workers.images import load_image
 from workers.parsing import parse_answer
 from workers.prompts import (
@@ -204,13 +204,7 @@ def _run(runtime: EngineRuntime, coro: Coroutine[Any, Any, T], remaining_s: floa
             return runtime.run(coro, timeout_s=max(1.0, remaining_s))
     except TimeoutError as e:
         raise GenerationError(str(e), code=ErrorCode.ENGINE_TIMEOUT) from e
-    except ImageQAError:
+    except (ImageQAError, EngineDead):
         raise
     except Exception as e:
-        if type(e).__name__ == "EngineDeadError":
-            raise EngineDead(str(e)) from e
         raise GenerationError(f"engine failed: {type(e).__name__}: {e}") from e
-
-
-class EngineDead(Exception):
-    """Raised when the engine process is gone: not the item's fault, so no error row is written."""

@@ -17,7 +17,8 @@ from producer.errors import ContractError, ErrorCode
 from producer.results import publish
 from workers import metrics
 from workers.app import app, results_client, runtime, settings
-from workers.generate import WORKER_NAME, EngineDead, process
+from workers.engines.base import EngineDead
+from workers.generate import WORKER_NAME, process
 from workers.isolation import IsolationGate
 
 log = logging.getLogger(__name__)

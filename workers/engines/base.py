@@ -10,6 +10,11 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
+class EngineDead(Exception):
+    """Raised by an engine whose model process is gone for good: not the item's fault, so no error
+    row is written; the worker exits and its supervisor restarts it with a fresh engine."""
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     temperature: float = 0.7

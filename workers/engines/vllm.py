@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .base import Engine, EngineRequest
+from .base import Engine, EngineDead, EngineRequest
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -198,8 +198,11 @@ class VLLMEngine(Engine):
 
         With ``request.json_schema`` the output is grammar-constrained to the schema; it can still
         be cut off at ``max_tokens`` (give strings ``maxLength`` and arrays ``maxItems``). Raises
-        ``ValueError`` for too many images, and vLLM's errors (e.g. ``EngineDeadError``).
+        ``ValueError`` for too many images, `EngineDead` when vLLM's EngineCore is gone (its
+        ``EngineDeadError``), and vLLM's other errors as they are.
         """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         llm = self._require_llm()
         if len(request.images) > self.config.max_images_per_prompt:
             n, limit = len(request.images), self.config.max_images_per_prompt
@@ -211,8 +214,11 @@ class VLLMEngine(Engine):
         params = _sampling_params(request, final_only=True)
 
         final = None
-        async for output in llm.generate(engine_input, params, request.request_id):
-            final = output
+        try:
+            async for output in llm.generate(engine_input, params, request.request_id):
+                final = output
+        except EngineDeadError as e:
+            raise EngineDead(str(e)) from e
         if final is None or not final.outputs:
             raise RuntimeError(f"vLLM returned no output for request {request.request_id}")
         completion = final.outputs[0]
