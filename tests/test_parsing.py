@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.parsing import parse_answer, parse_qa_output
+from workers.parsing import QUESTION_MARKS, parse_answer, parse_qa_output
 
 CORPUS_PATH = Path(__file__).parent / "data" / "qa_outputs.jsonl"
 CORPUS = [json.loads(line) for line in CORPUS_PATH.read_text("utf-8").splitlines() if line.strip()]
@@ -34,6 +34,22 @@ def test_prose_with_a_letter_and_colon_is_not_a_pair():
     assert parse_qa_output("Plan A: go left at the bakery.").pairs == []
     options = "Which colour is the bus?\na) red\nb) blue"
     assert parse_qa_output(options).pairs == [("Which colour is the bus?", "a) red")]
+
+
+@pytest.mark.parametrize("mark", list(QUESTION_MARKS), ids=["ascii", "full-width", "arabic"])
+@pytest.mark.parametrize(
+    ("template", "shape"),
+    [
+        ("1. What is shown{mark} A cat.\n2. Who is there{mark} Nobody.", "lines"),
+        ("What is shown{mark}\nA cat.\nWho is there{mark}\nNobody.", "lines"),
+        ("Q: What is shown{mark} A: A cat. Q: Who is there{mark} A: Nobody.", "labelled"),
+        ('{{"What is shown{mark}": "A cat.", "Who is there{mark}": "Nobody."}}', "json"),
+    ],
+)
+def test_every_question_mark_ends_a_question(template, shape, mark):
+    parsed = parse_qa_output(template.format(mark=mark))
+    assert parsed.shape == shape
+    assert parsed.pairs == [(f"What is shown{mark}", "A cat."), (f"Who is there{mark}", "Nobody.")]
 
 
 def test_valid_json_without_pairs_is_not_read_as_text():

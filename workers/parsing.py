@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+QUESTION_MARKS = "?\uff1f\u061f"
+"""Characters that end a question: ASCII, full-width (CJK) and Arabic."""
 MAX_PARSE_CHARS = 200_000
 """Only this much of an output is read (a longer one is a runaway generation)."""
 MAX_JSON_STARTS = 64
@@ -53,7 +55,10 @@ _LABEL = re.compile(
 _LIST_MARK = re.compile(r"^\s*(?:[-*•+]\s+|\d{1,3}[.)]\s+|#{1,6}\s+|>\s*)+")
 _MARKUP_ONLY = re.compile(r"^[\s\-*•+#>_]*(?:\d{1,3}[.)][\s*_]*)?$")
 _BOLD = re.compile(r"\*\*|__")
-_INLINE_PAIR = re.compile(r"^(?P<q>[^?\uff1f]*\S[?\uff1f])\s*(?:[-\u2013\u2014:|→=>]+\s*)?(?P<a>\S.*)$")
+_INLINE_PAIR = re.compile(
+    rf"^(?P<q>[^{QUESTION_MARKS}]*\S[{QUESTION_MARKS}])\s*(?:[-\u2013\u2014:|→=>]+\s*)?(?P<a>\S.*)$"
+)
+_QUESTION_ENDS = tuple(QUESTION_MARKS)
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _ANSWER_PREFIX = re.compile(r"^(?:answer|a)[ \t]*\d{0,3}[ \t]*[:\uff1a]\s*", re.IGNORECASE)
 _QUESTION_KEYS = ("question", "q", "query")
@@ -205,7 +210,7 @@ def _from_json(value: Any, depth: int) -> ParsedOutput:
             if found.pairs or found.malformed:
                 return found
     mapping = [(str(k).strip(), _scalar(v)) for k, v in value.items()]
-    questions = [(q, a) for q, a in mapping if q.endswith(("?", "\uff1f")) and a is not None]
+    questions = [(q, a) for q, a in mapping if q.endswith(_QUESTION_ENDS) and a is not None]
     return ParsedOutput(questions) if questions else ParsedOutput()
 
 
@@ -304,7 +309,7 @@ def _is_label(text: str, match: re.Match[str]) -> bool:
         return False
     # A lone "A:" inside prose ("plan A: ...") is no label: it must open a line, follow the end of
     # a question or sentence, or carry a number.
-    return number is not None or line_start or before[-1] in "?\uff1f.!,;|)"
+    return number is not None or line_start or before[-1] in f"{QUESTION_MARKS}.!,;|)"
 
 
 def _segment(content: str) -> str:
@@ -359,11 +364,11 @@ def _lines(text: str) -> ParsedOutput:
         if not line or line[0] in "{[":  # broken JSON is no question
             continue
         inline = _INLINE_PAIR.match(line)
-        if inline is not None and not inline.group("a").endswith(("?", "\uff1f")):
+        if inline is not None and not inline.group("a").endswith(_QUESTION_ENDS):
             malformed += pending is not None
             pending = None
             pairs.append((_tidy(inline.group("q")), _tidy(_ANSWER_PREFIX.sub("", inline.group("a")))))
-        elif line.endswith(("?", "\uff1f")):
+        elif line.endswith(_QUESTION_ENDS):
             malformed += pending is not None
             pending = line
         elif pending is not None:

@@ -21,10 +21,9 @@ from typing import Any
 
 from producer.contract import GenerationParams
 from producer.errors import PromptError
+from workers.parsing import QUESTION_MARKS
 
 SYSTEM_PROMPT = "You are a careful annotator who writes question-answer pairs about images."
-QUESTION_MARKS = "?\uff1f\u061f"
-"""Characters that end a question: ASCII, full-width (CJK) and Arabic."""
 GREEDY_RETRY_TEMPERATURE = 0.7
 """A regeneration with temperature 0 would repeat the same answer; it samples at this temperature."""
 VERIFY_TEMPERATURE = 0.0

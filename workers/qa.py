@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from producer.contract import GenerationParams, QAPair, QAStats
 from producer.errors import QAValidationError
-from workers.parsing import parse_qa_output
+from workers.parsing import QUESTION_MARKS, parse_qa_output
 
 REASONS = frozenset(
     {
@@ -119,7 +119,7 @@ def rejection_reason(question: str, answer: str, params: GenerationParams) -> st
         return "question_too_short"
     if len(question) > params.max_question_chars:
         return "question_too_long"
-    if params.require_question_mark and not question.endswith(("?", "\uff1f", "\u061f")):
+    if params.require_question_mark and not question.endswith(tuple(QUESTION_MARKS)):
         return "not_a_question"
     if len(answer) < params.min_answer_chars:
         return "answer_too_short"
@@ -323,7 +323,7 @@ def _canonical(text: str) -> str:
 
 
 def _is_placeholder(text: str) -> bool:
-    bare = _canonical(text).strip(" \"'*_()[]{}<>:;,.!?\uff1f-")
+    bare = _canonical(text).strip(f" \"'*_()[]{{}}<>:;,.!-{QUESTION_MARKS}")
     return (
         bare in _PLACEHOLDERS or _canonical(text) in _PLACEHOLDERS or _TEMPLATE_MARK.search(text) is not None
     )
