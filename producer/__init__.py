@@ -4,6 +4,6 @@ Light by design (celery, redis, pydantic): other applications install it to put 
 without torch or vLLM.
 """
 
-from producer.contract import GenerationParams, OutputRow, QAPair, ResultRecord, TaskMessage
+from producer.contract import GenerationParams, QAPair, ResultRecord, TaskMessage
 
-__all__ = ["GenerationParams", "OutputRow", "QAPair", "ResultRecord", "TaskMessage"]
+__all__ = ["GenerationParams", "QAPair", "ResultRecord", "TaskMessage"]

@@ -12,8 +12,6 @@ from celery import Celery
 from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.errors import BrokerUnavailable
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
 
 def redis_client(url: str) -> redis.Redis:
     """A client for ``redis://``, ``rediss://`` or ``redis+socket:///path`` URLs."""

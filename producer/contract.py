@@ -197,13 +197,6 @@ class ResultRecord(_Frozen):
             raise ContractError(f"result record does not match the contract: {_short(e)}") from e
 
 
-class OutputRow(BaseModel):
-    """An output line: the input row's fields plus ``qa_pairs`` (or the configured output key)."""
-
-    model_config = ConfigDict(extra="allow")
-    qa_pairs: list[QAPair]
-
-
 def output_row(record: ResultRecord, output_key: str) -> dict[str, Any]:
     """The output line for a successful record: the original row plus the pairs under output_key."""
     row = dict(record.row) if isinstance(record.row, dict) else {"row": record.row}

@@ -188,9 +188,6 @@ class ItemIds:
         self._seen: set[bytes] = set()
         self._repeats: dict[bytes, int] = {}
 
-    def next_id(self, row: Any) -> str:
-        return self.next_ids([row])[0]
-
     def next_ids(self, rows: list[Any]) -> list[str]:
         """The ids of the next rows of the input, in order."""
         digests = [

@@ -99,23 +99,23 @@ def test_resolve_ref(tmp_path):
 
 def test_item_ids_differ_by_any_field_and_number_verbatim_repeats():
     ids = ItemIds("settings-a")
-    a = ids.next_id({"image": ["x.jpg"], "split": "train"})
-    b = ids.next_id({"image": ["x.jpg"], "split": "test"})
-    a_again = ids.next_id({"split": "train", "image": ["x.jpg"]})  # same row, keys reordered
-    a_third = ids.next_id({"image": ["x.jpg"], "split": "train"})
+    a = ids.next_ids([{"image": ["x.jpg"], "split": "train"}])[0]
+    b = ids.next_ids([{"image": ["x.jpg"], "split": "test"}])[0]
+    a_again = ids.next_ids([{"split": "train", "image": ["x.jpg"]}])[0]  # same row, keys reordered
+    a_third = ids.next_ids([{"image": ["x.jpg"], "split": "train"}])[0]
     assert len({a, b, a_again, a_third}) == 4
     assert a_again.startswith(a) and a_third.startswith(a)
     # The same input read again gives the same ids, in the same order.
     again = ItemIds("settings-a")
-    assert [again.next_id(r) for r in ({"image": ["x.jpg"], "split": "train"},) * 2] == [a, a_again]
+    assert [again.next_ids([r])[0] for r in ({"image": ["x.jpg"], "split": "train"},) * 2] == [a, a_again]
     # Other output settings give other ids.
-    assert ItemIds("settings-b").next_id({"image": ["x.jpg"], "split": "train"}) != a
+    assert ItemIds("settings-b").next_ids([{"image": ["x.jpg"], "split": "train"}])[0] != a
 
 
 def test_item_ids_kept_in_redis_are_the_same_ids_and_leave_nothing_behind(redis_url):
     rows = [{"image": [f"{i % 7}.jpg"], "n": i % 5} for i in range(60)]  # many verbatim repeats
     local = ItemIds("s")
-    expected = [local.next_id(row) for row in rows]
+    expected = [local.next_ids([row])[0] for row in rows]
     r = redis_client(redis_url)
     ids = RedisItemIds("s", r, "imageqa:test:pass")
     # In batches of several sizes, repeats both within a batch and across batches.

@@ -6,8 +6,8 @@ import pytest
 
 from producer.contract import GenerationParams, QAPair
 from producer.errors import PromptError, QAValidationError
-from workers.prompts import build_prompt, prompt_spec, qa_schema, retry_prompt, verify_spec
-from workers.qa import REASONS, PairPool, Rejection, answers_agree, check_output, check_pairs, parse_and_check
+from workers.prompts import prompt_spec, qa_schema, retry_prompt, verify_spec
+from workers.qa import REASONS, PairPool, Rejection, answers_agree, check_output, check_pairs
 
 PARAMS = GenerationParams(min_pairs=2, max_pairs=3, max_question_chars=60, max_answer_chars=40)
 
@@ -21,10 +21,17 @@ def reason_of(question, answer, params=PARAMS):
     return check.rejected[0].reason if check.rejected else None
 
 
+def one_try(text, params=PARAMS):
+    """The pairs of one try as `workers.generate` takes them: checked, pooled, at least min_pairs."""
+    check = check_output(text, params)
+    pool = PairPool(params)
+    pool.reject(check.rejected)
+    pool.accept(check.pairs)
+    return pool.result()
+
+
 def test_valid_pairs_are_kept_with_whitespace_normalised():
-    check = parse_and_check(
-        answer(("What  colour is the car? ", " Red\n"), ("How many dogs?", "Two")), PARAMS
-    )
+    check = check_output(answer(("What  colour is the car? ", " Red\n"), ("How many dogs?", "Two")), PARAMS)
     assert [(p.question, p.answer) for p in check.pairs] == [
         ("What colour is the car?", "Red"),
         ("How many dogs?", "Two"),
@@ -104,7 +111,7 @@ def test_duplicates_after_normalisation_and_pairs_beyond_the_maximum_are_rejecte
         ("Where is it?", "In a town."),
         ("When was it taken?", "At noon."),
     )
-    check = parse_and_check(text, PARAMS)
+    check = check_output(text, PARAMS)
     assert [p.question for p in check.pairs] == ["What is shown?", "Who is there?", "Where is it?"]
     assert check.reasons() == {"duplicate_question": 2, "over_max_pairs": 1}
 
@@ -119,7 +126,7 @@ def test_questions_kept_by_an_earlier_try_are_duplicates():
 
 def test_too_few_valid_pairs_is_a_qa_invalid_error_counting_the_reasons():
     with pytest.raises(QAValidationError) as e:
-        parse_and_check(answer(("What is it?", ""), ("Is it red?", "Yes"), ("Is it blue", "No")), PARAMS)
+        one_try(answer(("What is it?", ""), ("Is it red?", "Yes"), ("Is it blue", "No")))
     assert e.value.code == "qa_invalid"
     assert e.value.message == "1 valid pairs, need at least 2 (rejected: answer_empty 1, not_a_question 1)"
 
@@ -129,7 +136,7 @@ def test_outputs_without_pairs_are_unparseable(text):
     check = check_output(text, PARAMS)
     assert check.pairs == [] and check.reasons() == {"unparseable": 1}
     with pytest.raises(QAValidationError, match="unparseable 1"):
-        parse_and_check(text, PARAMS)
+        one_try(text)
 
 
 def test_entries_that_are_not_pairs_are_malformed():
@@ -180,11 +187,11 @@ def test_schema_bounds_every_string_and_the_pair_count():
 
 
 def test_default_prompt_asks_for_the_count_and_the_kinds_of_question_as_json():
-    text = build_prompt(PARAMS, 1)
+    text = prompt_spec(PARAMS, 1).text
     assert "2 to 3" in text and "JSON" in text and '"qa_pairs"' in text and "images" not in text
     for kind in ("counts", "colours", "spatial relations", "scene", "visible text", "question mark"):
         assert kind in text
-    assert "images" in build_prompt(GenerationParams(min_pairs=4, max_pairs=4), 2)
+    assert "images" in prompt_spec(GenerationParams(min_pairs=4, max_pairs=4), 2).text
     spec = prompt_spec(PARAMS, 1)
     assert spec.json_schema == qa_schema(PARAMS) and spec.system_prompt
 

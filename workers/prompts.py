@@ -130,11 +130,6 @@ def render(template: str, params: GenerationParams, n_images: int) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def build_prompt(params: GenerationParams, n_images: int) -> str:
-    """The prompt text of the first request (see `prompt_spec`)."""
-    return prompt_spec(params, n_images).text
-
-
 def pair_count(params: GenerationParams) -> str:
     if params.min_pairs == params.max_pairs:
         return str(params.min_pairs)

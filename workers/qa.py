@@ -193,15 +193,6 @@ def check_pairs(
     return check
 
 
-def parse_and_check(text: str, params: GenerationParams) -> QACheck:
-    """`check_output`, raising `QAValidationError` (``qa_invalid``) with the reasons when fewer than
-    ``min_pairs`` pairs pass."""
-    check = check_output(text, params)
-    if len(check.pairs) < params.min_pairs:
-        raise shortage(len(check.pairs), params, check.reasons())
-    return check
-
-
 def shortage(valid: int, params: GenerationParams, reasons: dict[str, int]) -> QAValidationError:
     counted = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
     return QAValidationError(f"{valid} valid pairs, need at least {params.min_pairs} (rejected: {counted})")
