@@ -75,13 +75,14 @@ def _child_setup(spec_path: str):  # type: ignore[no-untyped-def]
     from workers.engines.base import EngineRequest, SamplingSettings
     from workers.images import load_image
     from workers.prompts import prompt_spec
-    from workers.settings import ImageSettings, WorkerSettings
+    from workers.settings import EngineSettings, ImageSettings
 
     spec = json.loads(Path(spec_path).read_text())
     params = GenerationParams.model_validate(spec["params"])
     config = vllm_config(
-        WorkerSettings(
-            model=spec["model"], max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"]
+        EngineSettings(
+            model=spec["model"],
+            vllm={"max_model_len": spec["max_model_len"], "max_num_seqs": spec["max_num_seqs"]},
         )
     )
     prompt = prompt_spec(params, 1)

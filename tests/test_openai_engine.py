@@ -266,9 +266,13 @@ def test_start_fails_at_once_when_the_key_is_refused(fake_api):
 def test_worker_settings_choose_the_openai_engine(monkeypatch):
     monkeypatch.setenv("MY_VLM_KEY", "sk-test")
     settings = WorkerSettings(
-        engine="openai", model="served-name", base_url="http://h:8000/v1", api_key_env="MY_VLM_KEY"
-    )
-    built = build_engine(settings)
+        engine={
+            "kind": "openai",
+            "model": "served-name",
+            "openai": {"base_url": "http://h:8000/v1", "api_key_env": "MY_VLM_KEY"},
+        }
+    ).engine
+    built = build_engine(settings, request_timeout_s=60)
     assert isinstance(built, OpenAIEngine)
     assert (built.config.base_url, built.config.model, built.config.api_key) == (
         "http://h:8000/v1",
@@ -276,7 +280,7 @@ def test_worker_settings_choose_the_openai_engine(monkeypatch):
         "sk-test",
     )
     monkeypatch.delenv("MY_VLM_KEY")
-    assert build_engine(settings).config.api_key is None  # type: ignore[attr-defined]
+    assert build_engine(settings, request_timeout_s=60).config.api_key is None  # type: ignore[attr-defined]
 
 
 def test_the_api_serving_runs_the_operator_and_validates_every_answer(fake_api, tmp_path, monkeypatch):

@@ -320,7 +320,9 @@ def run_item(tmp_path):
     from workers.settings import WorkerSettings
 
     (image,) = make_images(tmp_path, 1)
-    settings = WorkerSettings(media_roots=[tmp_path], engine="fake", model="fake", metrics_port=0)
+    settings = WorkerSettings(
+        media_roots=[tmp_path], engine={"kind": "fake", "model": "fake"}, metrics_port=0
+    )
     runtimes = []
 
     def run(script, **params):

@@ -61,13 +61,12 @@ def real_engine(tiny_model: Path) -> Iterator[tuple[Recording, object, object]]:
     from workers.settings import WorkerSettings
 
     settings = WorkerSettings(
-        model=str(tiny_model),
-        max_model_len=4096,
+        engine={"model": str(tiny_model), "vllm": {"max_model_len": 4096}},
         media_roots=[EXAMPLES],
         metrics_port=0,
         task_time_limit_s=300,
     )
-    engine = Recording(VLLMEngine(vllm_config(settings)))
+    engine = Recording(VLLMEngine(vllm_config(settings.engine)))
     runtime = EngineRuntime(engine)
     runtime.start(600)
     yield engine, runtime, settings

@@ -1,4 +1,4 @@
-"""The Celery app of the workers. ``celery -A workers.app worker -P threads`` or ``imageqa worker``.
+"""The Celery app of the workers, built by `create_app` from the settings of ``imageqa worker``.
 
 The engine is built once when the worker starts (``worker_init``) and shut down when it stops.
 """
@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import redis
-from celery import signals
+from celery import Celery, signals
 
 from producer.broker import celery_app, redis_client
 from workers.runtime import EngineRuntime
@@ -20,22 +20,39 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-settings = WorkerSettings()
-app = celery_app(
-    settings.redis_url,
-    settings.visibility_timeout_s,
-    name="imageqa-worker",
-    restore_interval_s=settings.restore_interval_s,
-)
-app.conf.update(
-    include=["workers.tasks"],
-    worker_pool="threads",
-    worker_concurrency=settings.concurrency,
-    # Task events cost a Redis publish per task state; Flower switches them on while it watches.
-    worker_send_task_events=settings.task_events,
-)
-
 _state: dict[str, Any] = {}
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """The worker's Celery app with the ``imageqa.generate`` task registered.
+
+    ``settings`` become this process's worker settings: the task and the engine, started when the
+    worker starts, read them through `worker_settings`.
+    """
+    from workers import tasks
+
+    app = celery_app(
+        settings.redis_url,
+        settings.visibility_timeout_s,
+        name="imageqa-worker",
+        restore_interval_s=settings.restore_interval_s,
+    )
+    app.conf.update(
+        worker_pool="threads",
+        worker_concurrency=settings.concurrency,
+        # Task events cost a Redis publish per task state; Flower switches them on while it watches.
+        worker_send_task_events=settings.task_events,
+    )
+    _state["settings"] = settings
+    tasks.register(app)
+    return app
+
+
+def worker_settings() -> WorkerSettings:
+    """The settings the worker app of this process was created with (`create_app`)."""
+    if "settings" not in _state:
+        raise RuntimeError("no worker app in this process (create_app builds it)")
+    return _state["settings"]
 
 
 def runtime() -> EngineRuntime:
@@ -54,14 +71,15 @@ def results_client() -> redis.Redis:
         with _redis_lock:  # two racing threads must not each make one and drop the other's connections
             client = _state.get("redis")
             if client is None:
-                client = _state["redis"] = redis_client(settings.redis_url)
+                client = _state["redis"] = redis_client(worker_settings().redis_url)
     return client
 
 
-def start_engine(worker_settings: WorkerSettings) -> EngineRuntime:
+def start_engine(settings: WorkerSettings) -> EngineRuntime:
     from workers.engines import build_engine
 
-    rt = EngineRuntime(build_engine(worker_settings))
+    engine = build_engine(settings.engine, request_timeout_s=max(1, settings.task_time_limit_s - 30))
+    rt = EngineRuntime(engine)
     rt.start()
     _state["runtime"] = rt
     return rt
@@ -75,7 +93,8 @@ def stop_engine() -> None:
 
 @signals.worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    log.info("starting %s engine for %s", settings.engine, settings.model)
+    settings = worker_settings()
+    log.info("starting %s engine for %s", settings.engine.kind, settings.engine.model)
     try:
         start_engine(settings)
     except Exception:

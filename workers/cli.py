@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -30,6 +30,9 @@ from producer.cli import (
 from producer.contract import GenerationParams
 from producer.errors import ImageQAError
 
+if TYPE_CHECKING:
+    from workers.settings import WorkerSettings
+
 EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (default), openai or fake.")]
 
 
@@ -41,24 +44,18 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*."""
-    for name, value in (
-        ("IMAGEQA_MODEL", model),
-        ("IMAGEQA_ENGINE", engine),
-        ("IMAGEQA_CONCURRENCY", concurrency),
-    ):
-        if value is not None:
-            os.environ[name] = str(value)
+    settings = worker_settings(model, engine, concurrency)
     setup_logging(loglevel)
     from producer.constants import QUEUE_GENERATE
-    from workers.app import app as celery
+    from workers.app import create_app
 
-    celery.worker_main(
+    create_app(settings).worker_main(
         [
             "worker",
             "--pool",
             "threads",
             "--concurrency",
-            str(celery.conf.worker_concurrency),
+            str(settings.concurrency),
             "--queues",
             QUEUE_GENERATE,
             "--loglevel",
@@ -127,13 +124,13 @@ def run(
     """Run the whole system on this box: Redis (embedded unless IMAGEQA_REDIS_URL answers), a worker,
     the collector and the producer; exits 0 when every row is written or failed."""
     from workers.local import LocalCluster
+    from workers.settings import RunSettings
 
+    settings = RunSettings(worker=worker_settings(params.model, engine, concurrency))
     try:
         with LocalCluster(
+            settings,
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
-            model=params.model,
-            engine=engine,
-            concurrency=concurrency,
             log=console,
         ) as cluster:
             summary = cluster.enqueue(input_path, output, params, input_format=input_format)
@@ -232,6 +229,19 @@ def parse_qa(
         f"{outputs} outputs: {enough} with at least {params.min_pairs} valid pairs, {kept} pairs kept; "
         f"rejected: {counted}"
     )
+
+
+def worker_settings(model: str | None, engine: str | None, concurrency: int | None) -> WorkerSettings:
+    """The worker's settings: ``IMAGEQA_*`` variables, with the command line's options over them."""
+    from workers.settings import EngineSettings, WorkerSettings
+
+    return WorkerSettings(
+        **_given(concurrency=concurrency), engine=EngineSettings(**_given(kind=engine, model=model))
+    )
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def main() -> None:

