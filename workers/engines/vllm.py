@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import lifeline
 from .base import Engine, EngineDead, EngineRequest
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ class VLLMEngine(Engine):
 
         # Import + construction block for many seconds; a thread keeps the loop responsive.
         # AsyncLLM supports construction outside the loop: it starts its output task lazily.
-        await asyncio.to_thread(build)
+        # That thread is the lifetime thread: the EngineCore it starts dies with this process.
+        await asyncio.wrap_future(lifeline.launch(build))
         llm = built.pop()
         # What AsyncLLM.__init__ does when built on a running loop: start pulling outputs now, so an
         # engine failure before the first request is noticed. Private, hence guarded.
