@@ -90,11 +90,23 @@ def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
     server.stop()
 
 
+def _imageqa(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
 def test_every_role_works_with_a_tls_redis(tls_redis, media, tmp_path):
     url = f"{tls_redis.base}?ssl_cert_reqs=required&ssl_ca_certs={tls_redis.ca_file}"
     images = make_images(media, 3)
     source = write_jsonl(media / "in.jsonl", [{"image": p.name} for p in images])
-    env = {"IMAGEQA_REDIS_URL": url, "IMAGEQA_MEDIA_ROOTS": str(media), "IMAGEQA_ENGINE": "fake"}
+    env = {
+        "IMAGEQA_REDIS_URL": url,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_METRICS_PORT": "0",
+    }
     full_env = {**os.environ, **env}
     worker = WorkerProcess(env, tmp_path / "worker.log").start(60)
     with (tmp_path / "collector.log").open("wb") as log:
@@ -102,22 +114,9 @@ def test_every_role_works_with_a_tls_redis(tls_redis, media, tmp_path):
             [sys.executable, "-m", "workers.cli", "collect"], env=full_env, stdout=log, stderr=log
         )
     try:
-        enqueued = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "enqueue", str(source), "-o", str(tmp_path / "out.jsonl")],
-            env=full_env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        job_id = enqueued.stdout.strip()
+        job_id = _imageqa(full_env, "enqueue", str(source), "-o", str(tmp_path / "out.jsonl")).strip()
         wait_done(url, job_id, timeout_s=60)
-        status = subprocess.run(
-            [sys.executable, "-m", "workers.cli", "status", job_id, "--json"],
-            env=full_env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        status = json.loads(_imageqa(full_env, "status", job_id, "--json"))
     finally:
         collector.terminate()
         collector.wait(30)
@@ -125,8 +124,9 @@ def test_every_role_works_with_a_tls_redis(tls_redis, media, tmp_path):
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(row["image"] for row in rows) == sorted(p.name for p in images)
     assert all(row["qa_pairs"] for row in rows)
-    assert json.loads(status.stdout)["written"] == 3
-    assert "insecure" not in worker.log().lower()
+    assert status["written"] == 3
+    for log_text in (worker.log(), (tmp_path / "collector.log").read_text()):
+        assert "insecure" not in log_text.lower()
 
 
 def test_no_role_connects_to_a_tls_redis_whose_certificate_it_cannot_verify(tls_redis):
