@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -259,7 +260,7 @@ def test_a_server_that_trickles_is_cut_off_at_the_total_deadline(path, public):
     start = time.monotonic()
     error = _refused(f"http://127.0.0.1:{public.port}/{path}", policy)
     assert error.code == "image_fetch_failed" and "timed out" in error.message
-    assert time.monotonic() - start < 1.3
+    assert time.monotonic() - start < 2.5  # 1 s and some slack for a busy machine, not 100 s
     assert public.hits[path] == 1
 
 
@@ -292,11 +293,11 @@ def test_persistent_and_client_errors(public):
 
 
 def test_backoff_does_not_run_past_the_deadline(public):
-    policy = _policy(f"127.0.0.1:{public.port}", total_timeout_s=0.5, backoff_s=0.4, attempts=5)
+    policy = _policy(f"127.0.0.1:{public.port}", total_timeout_s=1.0, backoff_s=0.4, attempts=5)
     start = time.monotonic()
     assert _refused(f"http://127.0.0.1:{public.port}/busy", policy).code == "image_fetch_failed"
-    assert time.monotonic() - start < 0.5
-    assert public.hits["busy"] == 2  # tries at 0 and 0.4 s; a third would start at 1.2 s, past the 0.5 s
+    assert time.monotonic() - start < 1.0  # it gives up at once rather than sleep past the deadline
+    assert public.hits["busy"] == 2  # tries at 0 and 0.4 s; a third would start at 1.2 s, past 1 s
 
 
 def test_a_refused_connection_is_a_fetch_failure(public):
@@ -361,7 +362,18 @@ def test_a_name_with_any_non_public_address_is_refused(public, dns, connections)
     assert connections == [("127.0.0.1", public.port)]
 
 
-def test_https_pins_the_address_and_checks_the_certificate_for_the_name(dns, connections):
+@dataclass
+class _HTTPS:
+    server: _Server
+    client_tls: ssl.SSLContext
+    names: list[str | None]
+    """The server names (SNI) clients asked for."""
+
+
+@pytest.fixture
+def https(dns: _FakeDNS) -> Iterator[_HTTPS]:
+    """An https server for ``images.example`` (and, by a fake DNS, ``other.example``) on 127.0.0.1, with a
+    certificate from a test CA that ``client_tls`` trusts."""
     ca = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("images.example").configure_cert(server_tls)
@@ -369,24 +381,38 @@ def test_https_pins_the_address_and_checks_the_certificate_for_the_name(dns, con
     server_tls.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,misc,return-value]
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
-    server = _Server(tls=server_tls)
     dns.answers["images.example"] = [["127.0.0.1"]]
     dns.answers["other.example"] = [["127.0.0.1"]]
-    try:
-        policy = _policy(f"127.0.0.1:{server.port}", ssl_context=client_tls)
-        url = f"https://images.example:{server.port}/host"
-        assert fetch_url(url, policy) == f"images.example:{server.port}".encode()
-        assert names == ["images.example"]
-        # The certificate is checked against the name in the URL, not the address connected to, and a
-        # certificate that does not match is not retried.
-        error = _refused(f"https://other.example:{server.port}/host", policy)
-        assert error.code == "image_fetch_failed" and "other.example" in error.message
-        # Nor is the system's trust fooled by the test CA.
-        assert _refused(url, _policy(f"127.0.0.1:{server.port}")).code == "image_fetch_failed"
-    finally:
-        server.stop()
-    assert connections == [("127.0.0.1", server.port)] * 3
-    assert server.hits.total() == 1
+    server = _Server(tls=server_tls)
+    yield _HTTPS(server, client_tls, names)
+    server.stop()
+
+
+def test_https_pins_the_address_and_checks_the_certificate_for_the_name(https, connections):
+    port = https.server.port
+    policy = _policy(f"127.0.0.1:{port}", ssl_context=https.client_tls)
+    url = f"https://images.example:{port}/host"
+    assert fetch_url(url, policy) == f"images.example:{port}".encode()
+    assert https.names == ["images.example"]
+    # The certificate is checked against the name in the URL, not the address connected to, and a
+    # certificate that does not match is not retried.
+    error = _refused(f"https://other.example:{port}/host", policy)
+    assert error.code == "image_fetch_failed" and "other.example" in error.message
+    # Nor is the system's trust fooled by the test CA.
+    assert _refused(url, _policy(f"127.0.0.1:{port}")).code == "image_fetch_failed"
+    assert connections == [("127.0.0.1", port)] * 3
+    assert https.server.hits.total() == 1
+
+
+@pytest.mark.parametrize("path", ["trickle", "slow-headers"])
+def test_an_https_server_that_trickles_is_cut_off_at_the_total_deadline(path, https):
+    port = https.server.port
+    limits = {"timeout_s": 0.5, "total_timeout_s": 1.0, "max_bytes": 100_000}
+    policy = _policy(f"127.0.0.1:{port}", ssl_context=https.client_tls, **limits)
+    start = time.monotonic()
+    error = _refused(f"https://images.example:{port}/{path}", policy)
+    assert error.code == "image_fetch_failed" and "timed out" in error.message
+    assert time.monotonic() - start < 2.5  # 1 s and some slack for a busy machine, not 100 s
 
 
 def test_ipv6_addresses_are_pinned_too(connections):
@@ -417,7 +443,8 @@ def test_allowed_networks_from_the_environment(monkeypatch: pytest.MonkeyPatch):
     assert not policy.allows(ipaddress.ip_address("192.168.1.5"), 8081)
     assert not policy.allows(ipaddress.ip_address("169.254.169.254"), 80)
     assert policy.allows(ipaddress.ip_address("8.8.8.8"), 80)
-    for bad in ("10.0.0.300", "10.0.0.1:http", "10.0.0.1:0", "[fd00::1", "10.0.0.1/8"):
+    bad_entries = ["10.0.0.300", "10.0.0.1:http", "10.0.0.1:0", "10.0.0.1:", "[fd00::1", "fd00::1]:80"]
+    for bad in [*bad_entries, "10.0.0.1/8"]:
         with pytest.raises(ValidationError):
             ImageSettings(allowed_url_networks=[bad])
 

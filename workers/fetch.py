@@ -57,16 +57,16 @@ class AllowedNetwork:
     def parse(cls, text: str) -> AllowedNetwork:
         """``10.0.0.0/8``, ``10.1.2.3``, ``10.1.2.3:8080``, ``fd00::/8``, ``[fd00::1]:8080``."""
         text = text.strip()
-        host, port_text = text, ""
+        host, port_text = text, None
         try:
             if text.startswith("["):
                 host, closed, rest = text[1:].partition("]")
                 if not closed or (rest and not rest.startswith(":")):
-                    raise ValueError("unbalanced [ ]")
-                port_text = rest[1:]
+                    raise ValueError("an IPv6 address goes in [ ] before the :port")
+                port_text = rest[1:] if rest else None
             elif text.count(":") == 1:
                 host, _, port_text = text.partition(":")
-            port = int(port_text) if port_text else None
+            port = None if port_text is None else int(port_text)
             if port is not None and not 0 < port < 65536:
                 raise ValueError(f"port {port} out of range")
             return cls(ipaddress.ip_network(host), port)
@@ -279,7 +279,9 @@ class _Watchdog:
         self.expired.set()
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would drop the TLS state
+                # under the reading thread's feet; this way its read just meets the end of the stream.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def check(self, policy: FetchPolicy) -> None:
         """`ImageError` if the deadline cut the connection (what was read is not the whole body)."""
