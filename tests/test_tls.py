@@ -40,30 +40,33 @@ class TLSRedis:
         cert.cert_chain_pems[0].write_to_path(str(cert_file))
         cert.private_key_pem.write_to_path(str(key_file))
         self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                "0",
-                "--tls-port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--tls-cert-file",
-                str(cert_file),
-                "--tls-key-file",
-                str(key_file),
-                "--tls-ca-cert-file",
-                str(self.ca_file),
-                "--tls-auth-clients",
-                "yes" if auth_clients else "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        self.log = folder / "redis.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--tls-cert-file",
+                    str(cert_file),
+                    "--tls-key-file",
+                    str(key_file),
+                    "--tls-ca-cert-file",
+                    str(self.ca_file),
+                    "--tls-auth-clients",
+                    "yes" if auth_clients else "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.base = f"rediss://127.0.0.1:{self.port}/0"
 
     def wait_ready(self, url: str) -> None:
@@ -73,7 +76,8 @@ class TLSRedis:
                 redis_client(url).ping()
                 return
             except redis.RedisError:
-                assert self.proc.poll() is None, "redis-server with TLS did not start"
+                # A redis-server built without TLS exits here, saying so in its log.
+                assert self.proc.poll() is None, f"redis-server did not start: {self.log.read_text()}"
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
 
@@ -85,9 +89,11 @@ class TLSRedis:
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
     server = TLSRedis(tmp_path, auth_clients=False)
-    server.wait_ready(f"{server.base}?ssl_cert_reqs=required&ssl_ca_certs={server.ca_file}")
-    yield server
-    server.stop()
+    try:
+        server.wait_ready(f"{server.base}?ssl_cert_reqs=required&ssl_ca_certs={server.ca_file}")
+        yield server
+    finally:
+        server.stop()
 
 
 def _imageqa(env: dict[str, str], *args: str) -> str:
