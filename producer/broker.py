@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +44,7 @@ def redact(url: str) -> str:
 
 def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s: int = 10) -> dict[str, Any]:
     """Celery settings both sides must agree on: JSON only, late acks, one prefetch, redelivery."""
-    return {
+    config: dict[str, Any] = {
         "broker_url": redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
@@ -67,6 +68,12 @@ def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s:
         "task_routes": {TASK_GENERATE: {"queue": QUEUE_GENERATE}},
         "worker_hijack_root_logger": False,
     }
+    if urlsplit(redis_url).scheme == "rediss":
+        # Kombu connects to a rediss:// URL without ssl_* parameters unverified, where redis-py verifies
+        # the certificate: make the Celery side verify too. ``ssl_*`` parameters of the URL (a CA file,
+        # say) replace these options.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
 
 
 def celery_app(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,8 +111,9 @@ def register_job(
 
 
 def adopt_job(r: redis.Redis, job_id: str, output_dir: Path) -> dict[str, str]:
-    """Registers a job first seen by the collector, writing to ``output_dir/<job_id>.jsonl``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)
+    """Registers a job first seen by the collector, writing to ``output_dir/<job_id>.jsonl`` (see
+    `job_file_stem` for ids that are not plain file names)."""
+    safe = job_file_stem(job_id)
     fields = {
         "state": "running",
         "output_path": str(output_dir / f"{safe}.jsonl"),
@@ -125,6 +127,18 @@ def adopt_job(r: redis.Redis, job_id: str, output_dir: Path) -> dict[str, str]:
     pipe.zadd(k.JOBS_INDEX, {job_id: time.time()}, nx=True)
     pipe.execute()
     return job_config(r, job_id) or fields
+
+
+def job_file_stem(job_id: str) -> str:
+    """The stem of a job's file names (``<stem>.jsonl``, ``<stem>.errors.jsonl``), one no other job id
+    gets: the id itself when it is only ASCII letters, digits, ``-``, ``_`` and ``.``, else those
+    characters (others replaced by ``_``) plus ``~`` and a hash of the id. No id of the first kind holds
+    ``~``, so ``a/b`` and ``a:b`` never share ``a_b``'s file; nor ends in ``.errors``, so job ``x.errors``
+    never writes into job ``x``'s errors file."""
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in job_id)
+    if safe == job_id and len(job_id) <= 200 and not job_id.endswith(".errors"):
+        return job_id
+    return f"{safe[:64]}~{hashlib.sha256(job_id.encode()).hexdigest()[:32]}"
 
 
 def job_config(r: redis.Redis, job_id: str) -> dict[str, str] | None:

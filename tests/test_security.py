@@ -14,10 +14,14 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from producer.broker import redis_client
-from producer.contract import GenerationParams
+from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.enqueue import enqueue_file
+from producer.jobs import adopt_job
+from producer.results import publish
 from producer.settings import ProducerSettings
 from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+from workers.collector import Collector
+from workers.settings import CollectorSettings
 
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
 
@@ -177,3 +181,29 @@ def test_every_role_works_with_a_password_protected_redis(password_redis, media,
     )
     assert out.returncode == 2
     assert "does not answer" in out.stderr and "wrong-pw" not in out.stderr
+
+
+def test_job_ids_that_differ_never_share_a_file(redis_url, tmp_path):
+    r = redis_client(redis_url)
+    ids = ["a_b", "a/b", "a:b", "a?b", "../a_b", "é", "è", "job", "job.errors", "x" * 300, "x" * 301]
+    paths = [adopt_job(r, job_id, tmp_path)["output_path"] for job_id in ids]
+    errors = [adopt_job(r, job_id, tmp_path)["errors_path"] for job_id in ids]
+    files = [Path(p) for p in paths + errors]
+    assert len(set(files)) == len(files)
+    assert all(f.parent == tmp_path and len(f.name) < 255 for f in files)
+    # Plain ids keep their own name.
+    assert paths[0] == str(tmp_path / "a_b.jsonl") and paths[7] == str(tmp_path / "job.jsonl")
+
+
+def test_the_collector_writes_jobs_with_look_alike_ids_to_separate_files(redis_url, tmp_path):
+    pipe = redis_client(redis_url).pipeline(transaction=False)
+    for i, job_id in enumerate(["a/b", "a:b", "a_b"]):
+        pair = QAPair(question="What is it?", answer="A thing.")
+        publish(pipe, ResultRecord(job_id=job_id, item_id="i", row_index=i, row={"n": i}, qa_pairs=[pair]))
+    pipe.execute()
+    collector = Collector(CollectorSettings(redis_url=redis_url, output_dir=tmp_path, metrics_port=0))
+    collector.ensure_group()
+    collector.step()
+    outputs = sorted(tmp_path.glob("*.jsonl"))
+    assert len(outputs) == 3
+    assert sorted(row["n"] for f in outputs for row in read_jsonl(f)) == [0, 1, 2]

@@ -5,12 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
 import math
 import os
-import socket
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -18,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from producer.errors import ErrorCode, ImageError
+from workers.fetch import fetch_url
 from workers.settings import ImageSettings
 
 
@@ -160,34 +157,7 @@ def _data_uri(ref: str, max_bytes: int) -> bytes:
 
 
 def _fetch(url: str, settings: ImageSettings) -> bytes:
-    host = urlsplit(url).hostname or ""
-    if not settings.allow_private_urls:
-        _refuse_private(host)
-    request = urllib.request.Request(url, headers={"User-Agent": "imageqa"})
-    try:
-        with urllib.request.urlopen(request, timeout=settings.url_timeout_s) as response:
-            data = response.read(settings.max_image_bytes + 1)
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise ImageError(f"cannot fetch {_short(url)}: {e}", code=ErrorCode.IMAGE_FETCH_FAILED) from e
-    if len(data) > settings.max_image_bytes:
-        raise ImageError(
-            f"{_short(url)} is over {settings.max_image_bytes} bytes", code=ErrorCode.IMAGE_TOO_LARGE
-        )
-    return data
-
-
-def _refuse_private(host: str) -> None:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror as e:
-        raise ImageError(f"cannot resolve {host!r}: {e}", code=ErrorCode.IMAGE_FETCH_FAILED) from e
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise ImageError(
-                f"{host} resolves to non-public address {address}; set IMAGEQA_ALLOW_PRIVATE_URLS=1 to allow",
-                code=ErrorCode.URL_NOT_ALLOWED,
-            )
+    return fetch_url(url, settings.fetch_policy())
 
 
 def _short(ref: str) -> str:

@@ -17,6 +17,7 @@ from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.settings import ProducerSettings, RedisSettings
+from workers.fetch import AllowedNetwork, FetchPolicy
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -30,8 +31,14 @@ class ImageSettings(RedisSettings):
     """Images whose header claims more pixels are refused as decompression bombs."""
     max_image_bytes: int = 50 * 1024 * 1024
     url_timeout_s: float = 10.0
+    """Longest wait for one connect or one read of an http(s) image."""
+    url_total_timeout_s: float = 30.0
+    """Deadline of a whole http(s) image fetch: redirects, retries, backoff and reading the body."""
     allow_private_urls: bool = False
-    """Allow http(s) images on loopback and private addresses (off: a guard against SSRF)."""
+    """Allow http(s) images on any non-public address: loopback, private, link-local (off: an SSRF guard)."""
+    allowed_url_networks: Annotated[list[str], NoDecode] = []
+    """Non-public addresses http(s) images may still come from, comma-separated: ``10.0.0.0/8``,
+    ``10.1.2.3``, ``10.1.2.3:8080`` (that port only), ``[fd00::1]:443``. Public addresses need no entry."""
 
     @field_validator("media_roots", mode="before")
     @classmethod
@@ -40,9 +47,38 @@ class ImageSettings(RedisSettings):
             return [p for p in value.split(os.pathsep) if p]
         return value
 
+    @field_validator("allowed_url_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+    @field_validator("allowed_url_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            AllowedNetwork.parse(text)
+        return value
+
+    def fetch_policy(self) -> FetchPolicy:
+        """What an http(s) image fetch may do, from these settings."""
+        return FetchPolicy(
+            max_bytes=self.max_image_bytes,
+            timeout_s=self.url_timeout_s,
+            total_timeout_s=self.url_total_timeout_s,
+            allow_private=self.allow_private_urls,
+            allowed_networks=_networks(tuple(self.allowed_url_networks)),
+        )
+
     def roots(self) -> list[Path]:
         """The media roots, resolved (once per set of roots: resolving costs a syscall per path part)."""
         return _resolved(tuple(self.media_roots) or (Path.cwd(),))
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(texts: tuple[str, ...]) -> tuple[AllowedNetwork, ...]:
+    return tuple(AllowedNetwork.parse(text) for text in texts)
 
 
 @functools.lru_cache(maxsize=64)
