@@ -30,7 +30,7 @@ import redis
 
 from producer import constants as k
 from producer import jobs
-from producer.broker import celery_app, redis_client, task_sender
+from producer.broker import RETRYABLE, RedisBackoff, celery_app, redis_client, task_sender
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.results import FIELD
@@ -38,8 +38,6 @@ from workers import metrics
 from workers.settings import CollectorSettings
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Collector:
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
         stop = stop or threading.Event()
-        backoff_s = 0.1
+        backoff = RedisBackoff(sleep=stop.wait)
         while not stop.is_set():
             try:
                 self.start()
@@ -72,11 +70,9 @@ class Collector:
                     self.step(block_ms=self.settings.block_ms)
                     self.maybe_claim()
                     self.maybe_observe()
-                    backoff_s = 0.1
+                    backoff.reset()
             except RETRYABLE as e:
-                log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff.wait(e)
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
