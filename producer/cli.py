@@ -21,7 +21,7 @@ from producer.broker import check_redis, redis_client
 from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
-from producer.jobs import JobStatus, cancel_job, job_status, list_jobs, nothing_in_flight
+from producer.jobs import JobRecord, JobStatus, job_status, list_jobs, nothing_in_flight
 from producer.settings import ProducerSettings
 
 app = typer.Typer(
@@ -305,7 +305,7 @@ def cancel(job: Annotated[str, typer.Argument(help="Job id.")]) -> None:
         check_redis(settings.redis_url)
     except ImageQAError as e:
         raise fail(e) from None
-    if not cancel_job(redis_client(settings.redis_url), job):
+    if not JobRecord(redis_client(settings.redis_url), job).cancel():
         raise fail(ValueError(f"no job {job!r}"))
     console.print(f"job {job} cancelled; rows already done stay written")
 

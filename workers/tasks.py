@@ -14,6 +14,7 @@ from producer import constants as k
 from producer.broker import RETRYABLE, with_redis_retry
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError
+from producer.jobs import JobRecord
 from producer.results import publish
 from workers import metrics
 from workers.app import app, results_client, runtime, settings
@@ -55,10 +56,7 @@ class CancelFlags:
             seen = self._flags.get(job_id)
         if seen is not None and now - seen[0] < self.ttl_s:
             return seen[1]
-        flag = (
-            with_redis_retry(lambda: results_client().hget(k.job_key(job_id), "cancelled"), PUBLISH_RETRY_S)
-            == b"1"
-        )
+        flag = with_redis_retry(lambda: JobRecord(results_client(), job_id).is_cancelled(), PUBLISH_RETRY_S)
         with self._lock:
             if len(self._flags) > 10_000:  # long-lived worker, many jobs: forget the stale ones
                 self._flags = {j: f for j, f in self._flags.items() if now - f[0] < self.ttl_s}
@@ -86,12 +84,10 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
         # It may be the item that crashed the last worker: run it alone (see isolation.py). Its first
         # start is not recorded (that would cost every task a round trip); later starts are, once
         # they really start, so items waiting their turn behind a crashing one are not charged.
-        attempts_key = k.job_attempts_key(message.job_id)
+        job = JobRecord(results_client(), message.job_id)
         with _gate.alone():
-            restarts = with_redis_retry(
-                lambda: results_client().hincrby(attempts_key, message.item_id, 1), PUBLISH_RETRY_S
-            )
-            record = _run(message, 1 + int(restarts))
+            restarts = with_redis_retry(lambda: job.count_start(message.item_id), PUBLISH_RETRY_S)
+            record = _run(message, 1 + restarts)
     else:
         with _gate.normal():
             record = _run(message, 1)

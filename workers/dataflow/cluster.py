@@ -30,7 +30,7 @@ from producer.broker import check_redis, redact, redis_client
 from producer.contract import ErrorInfo, QAPair, canonical_json
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
-from producer.jobs import JobStatus, job_status
+from producer.jobs import JobRecord, JobStatus, job_status
 from producer.settings import ProducerSettings, RedisSettings
 from workers.dataflow.errors import ClusterServingError
 from workers.dataflow.servings import (
@@ -140,9 +140,7 @@ class ClusterServing(Serving):
         known = job_status(r, job_id) is not None
         files = output.exists() or errors.exists()
         if known and not files:
-            r.delete(
-                k.job_key(job_id), k.job_items_key(job_id), k.job_done_key(job_id), k.job_attempts_key(job_id)
-            )
+            JobRecord(r, job_id).reset()
         elif files and not known:
             output.unlink(missing_ok=True)
             errors.unlink(missing_ok=True)
