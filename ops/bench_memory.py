@@ -47,7 +47,6 @@ from ops.benchlib import (  # noqa: E402
     stop_children,
     wait_child,
 )
-from producer import constants as k  # noqa: E402
 from producer.broker import redis_client  # noqa: E402
 from producer.contract import GenerationParams  # noqa: E402
 from producer.enqueue import enqueue_file  # noqa: E402
@@ -71,6 +70,11 @@ def wait_job(
             raise SystemExit(f"the worker exited before job {job_id} was done")
         time.sleep(0.05)
     raise SystemExit(f"job {job_id} not done after {timeout_s:.0f} s: {job_status(r, job_id)}")
+
+
+def _enqueued(r: redis.Redis, job_id: str) -> int:
+    st = job_status(r, job_id)
+    return st.enqueued if st is not None else 0
 
 
 def image_refs(folder: Path, count: int) -> list[str]:
@@ -241,7 +245,7 @@ def producer_section(args: argparse.Namespace, url: str, tmp: Path, images: list
     def sample() -> None:
         try:
             rss = proc_memory(proc.pid)["VmRSS"]
-            enqueued = int(r.hget(k.job_key(job_id), "enqueued") or 0)
+            enqueued = _enqueued(r, job_id)
         except (OSError, KeyError, redis.RedisError):
             return
         samples.append((time.perf_counter() - started, enqueued, rss))
@@ -252,7 +256,7 @@ def producer_section(args: argparse.Namespace, url: str, tmp: Path, images: list
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"imageqa enqueue failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-    enqueued = int(r.hget(k.job_key(job_id), "enqueued") or 0)
+    enqueued = _enqueued(r, job_id)
     redis_mb = int(r.info("memory")["used_memory"]) / MB
     r.flushdb()
     polled = max((s[2] for s in samples), default=0)
@@ -312,7 +316,7 @@ def collector_child(url: str, job_id: str, rows: int) -> None:
     thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
     started = time.perf_counter()
     thread.start()
-    while int(r.hget(k.job_key(job_id), "written") or 0) < rows:
+    while (st := job_status(r, job_id)) is None or st.written < rows:
         if not thread.is_alive():
             raise SystemExit("the collector stopped early")
         time.sleep(0.02)

@@ -17,7 +17,7 @@ import redis
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, QAStats, ResultRecord
 from producer.enqueue import default_errors_path
-from producer.jobs import register_job
+from producer.jobs import JobRecord
 from producer.results import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,9 +153,7 @@ def result_record(job_id: str, i: int, image: str) -> ResultRecord:
 def put_results(r: redis.Redis, job_id: str, output: Path, rows: int, images: list[str]) -> None:
     """Registers a job writing to ``output`` and puts ``rows`` of its results on the results stream,
     as workers would, for a collector to write."""
-    register_job(
-        r,
-        job_id,
+    JobRecord(r, job_id).register(
         output_path=str(output),
         errors_path=str(default_errors_path(output)),
         output_key="qa_pairs",

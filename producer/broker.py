@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -12,6 +14,13 @@ from celery import Celery
 
 from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+"""Redis errors that pass once Redis is back (a restart, a dropped connection, a load from disk)."""
+
+T = TypeVar("T")
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -33,6 +42,43 @@ def check_redis(url: str, timeout_s: float = 2.0) -> None:
         raise BrokerUnavailable(f"Redis at {redact(url)} does not answer: {e}") from e
     finally:
         client.close()
+
+
+class RedisBackoff:
+    """The wait between attempts while Redis is away: 0.1 s, doubling up to 5 s, until ``budget_s``
+    (None: no limit) has passed since the start or the last `reset`. ``sleep`` may be
+    ``threading.Event.wait`` so that a stop request cuts the wait short."""
+
+    def __init__(self, budget_s: float | None = None, sleep: Callable[[float], object] = time.sleep) -> None:
+        self.budget_s = budget_s
+        self._sleep = sleep
+        self.reset()
+
+    def reset(self) -> None:
+        """Redis answered: the next failure waits the shortest time again."""
+        self._delay_s = 0.1
+        self._deadline_s = None if self.budget_s is None else time.monotonic() + self.budget_s
+
+    def wait(self, error: Exception) -> bool:
+        """Logs ``error`` and sleeps before the next attempt; False, without sleeping, once the
+        budget is spent."""
+        if self._deadline_s is not None and time.monotonic() > self._deadline_s:
+            return False
+        log.warning("Redis unavailable (%s); retrying in %.1f s", error, self._delay_s)
+        self._sleep(self._delay_s)
+        self._delay_s = min(self._delay_s * 2, 5.0)
+        return True
+
+
+def with_redis_retry(call: Callable[[], T], budget_s: float) -> T:
+    """Runs a Redis call, waiting out a Redis restart for up to ``budget_s``; then raises its error."""
+    backoff = RedisBackoff(budget_s)
+    while True:
+        try:
+            return call()
+        except RETRYABLE as e:
+            if not backoff.wait(e):
+                raise
 
 
 def redact(url: str) -> str:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import redis
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -21,8 +20,9 @@ from producer.broker import check_redis, redis_client
 from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
-from producer.jobs import JobStatus, cancel_job, job_status, list_jobs, nothing_in_flight
+from producer.jobs import JobRecord, JobStatus, job_status, list_jobs
 from producer.settings import ProducerSettings
+from producer.wait import wait_for_job
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Turn images into checked question-answer pairs."
@@ -250,7 +250,10 @@ def status(
     if st is None:
         raise fail(ValueError(f"no job {job!r}"))
     if wait and not st.finished:
-        st = wait_for_job(r, job, console)
+        with progress_bar("images") as update:
+            st = wait_for_job(
+                r, job, on_progress=lambda latest: update(latest.done, latest.failed, latest.total)
+            )
     if as_json:
         typer.echo(json.dumps(st.as_dict()))
     else:
@@ -305,61 +308,32 @@ def cancel(job: Annotated[str, typer.Argument(help="Job id.")]) -> None:
         check_redis(settings.redis_url)
     except ImageQAError as e:
         raise fail(e) from None
-    if not cancel_job(redis_client(settings.redis_url), job):
+    if not JobRecord(redis_client(settings.redis_url), job).cancel():
         raise fail(ValueError(f"no job {job!r}"))
     console.print(f"job {job} cancelled; rows already done stay written")
 
 
-def wait_for_job(
-    r: redis.Redis,
-    job_id: str,
-    out: Console,
-    poll_s: float = 0.25,
-    alive: Callable[[], bool] = lambda: True,
-    stall_timeout_s: float | None = None,
-    resend: Callable[[], object] | None = None,
-    resend_after_s: float = 10.0,
-) -> JobStatus:
-    """Shows a progress bar until the job is done. ``alive`` returning False, or no row finishing for
-    ``stall_timeout_s``, aborts the wait with `ImageQAError`. ``resend`` is called when the job has
-    rows missing with nothing queued, running or uncollected for ``resend_after_s`` (tasks lost in
-    transit, see `producer.jobs.nothing_in_flight`)."""
-    last_done, last_change = -1, time.monotonic()
-    idle_since: float | None = None
+@contextlib.contextmanager
+def progress_bar(
+    description: str, total: int | None = None, *, enabled: bool = True
+) -> Iterator[Callable[..., None]]:
+    """A progress bar of rows done and failed on stderr; yields ``update(done, failed, total=None)``
+    (figures so far; ``total`` once known). Disabled, or with nothing to do (``total`` 0): a no-op."""
+    if not enabled or total == 0:
+        yield lambda done, failed, total=None: None
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[failed]} failed"),
         TimeRemainingColumn(),
-        console=out,
-        transient=False,
+        console=console,
     ) as progress:
-        bar = progress.add_task("images", total=None, failed=0)
-        while True:
-            st = job_status(r, job_id)
-            if st is None:
-                raise ImageQAError(f"job {job_id} disappeared from Redis")
-            progress.update(bar, total=st.total, completed=st.done, failed=st.failed)
-            if st.finished:
-                return st
-            if not alive():
-                raise ImageQAError("the worker stopped before the job was done")
-            if resend is not None and st.enqueue_complete and nothing_in_flight(r):
-                idle_since = idle_since or time.monotonic()
-                if time.monotonic() - idle_since > resend_after_s and not job_status(r, job_id).finished:  # type: ignore[union-attr]
-                    out.print(
-                        f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
-                    )
-                    resend()
-                    idle_since = None
-            else:
-                idle_since = None
-            if st.done != last_done:
-                last_done, last_change = st.done, time.monotonic()
-            elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:
-                raise ImageQAError(f"no row finished for {stall_timeout_s:.0f} s; giving up on job {job_id}")
-            time.sleep(poll_s)
+        bar = progress.add_task(description, total=total, failed=0)
+        yield lambda done, failed, total=None: progress.update(
+            bar, completed=done, failed=failed, total=total
+        )
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -18,6 +18,66 @@ JOBS_INDEX = f"{PREFIX}:jobs"
 """Sorted set of job ids, scored by creation time."""
 
 
+# Fields of the job hash (`job_key`). Only `producer.jobs` reads or writes them.
+
+JOB_STATE = "state"
+"""Job hash field: ``enqueuing``, ``running``, ``done`` or ``cancelled``."""
+
+JOB_CREATED_AT = "created_at"
+"""Job hash field: when the job was first registered, Unix time in seconds."""
+
+JOB_FINISHED_AT = "finished_at"
+"""Job hash field: when every row was accounted for, Unix time in seconds; absent while it runs."""
+
+JOB_OUTPUT_PATH = "output_path"
+"""Job hash field: the output JSONL the collector appends written rows to."""
+
+JOB_ERRORS_PATH = "errors_path"
+"""Job hash field: the errors JSONL the collector appends failed rows to."""
+
+JOB_OUTPUT_KEY = "output_key"
+"""Job hash field: the key of the pairs in each output row."""
+
+JOB_INPUT_PATH = "input_path"
+"""Job hash field: the enqueued input; absent for a job the collector adopted."""
+
+JOB_PARAMS = "params"
+"""Job hash field: the `GenerationParams` of the job, as JSON."""
+
+JOB_ENQUEUE_COMPLETE = "enqueue_complete"
+"""Job hash field: 1 once an enqueue pass has sent every row, 0 while one is under way."""
+
+JOB_CANCELLED = "cancelled"
+"""Job hash field: 1 once the job is cancelled; workers turn its remaining rows into error rows."""
+
+JOB_ON_DONE_TASK = "on_done_task"
+"""Job hash field: Celery task sent with the job's figures when it finishes (optional)."""
+
+JOB_ON_DONE_QUEUE = "on_done_queue"
+"""Job hash field: queue of the ``on_done_task``."""
+
+JOB_WRITTEN = "written"
+"""Job hash counter: rows written to the output file."""
+
+JOB_FAILED = "failed"
+"""Job hash counter: rows written to the errors file."""
+
+JOB_ENQUEUED = "enqueued"
+"""Job hash counter: tasks sent, over every enqueue pass."""
+
+JOB_SKIPPED = "skipped"
+"""Job hash counter: rows an enqueue pass found already written, over every pass."""
+
+JOB_FAILED_PREFIX = "failed:"
+"""Job hash counters ``failed:<error code>``: failed rows by error code."""
+
+JOB_REJECTED_PREFIX = "rejected:"
+"""Job hash counters ``rejected:<reason>``: rejected question-answer pairs by reason."""
+
+JOB_QA_PREFIX = "qa:"
+"""Job hash counters ``qa:pairs``, ``qa:tries``, ``qa:verified``, ``qa:agreed``: pair figures."""
+
+
 def job_key(job_id: str) -> str:
     """Hash: the job's settings, output paths and counters."""
     return f"{PREFIX}:job:{job_id}"

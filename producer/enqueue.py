@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from pathlib import Path
 import redis
 
 from producer import constants as k
-from producer import jobs
 from producer.broker import celery_app, check_redis, redis_client, task_sender
 from producer.contract import (
     MAX_ROW_BYTES,
@@ -28,6 +26,7 @@ from producer.contract import (
 )
 from producer.errors import ErrorCode, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
+from producer.jobs import JobRecord
 from producer.results import publish
 from producer.settings import ProducerSettings
 
@@ -83,9 +82,8 @@ def enqueue_file(
     job_id = job_id or default_job_id(input_path, output_path, params)
     base = (media_base or (input_path if input_path.is_dir() else input_path.parent)).resolve()
     r = redis_client(settings.redis_url)
-    jobs.register_job(
-        r,
-        job_id,
+    job = JobRecord(r, job_id)
+    job.register(
         output_path=str(output_path),
         errors_path=str(errors_path),
         output_key=settings.output_key,
@@ -95,15 +93,16 @@ def enqueue_file(
         on_done_queue=on_done_queue,
     )
     app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
-    ids = RedisItemIds(params.fingerprint(), r, k.job_pass_key(job_id, uuid.uuid4().hex))
+    ids = RedisItemIds(params.fingerprint(), r, job.pass_scratch_key())
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
     try:
         with app.producer_or_acquire() as producer:
             for batch in _batches(rows, settings.enqueue_batch):
-                items = list(zip(batch, ids.next_ids([raw.row for raw in batch]), strict=True))
+                item_ids = ids.next_ids([raw.row for raw in batch])
+                items = list(zip(batch, item_ids, strict=True))
                 pipe = r.pipeline()
-                pipe.sadd(k.job_items_key(job_id), *[item_id for _, item_id in items])
-                pipe.smismember(k.job_done_key(job_id), [item_id for _, item_id in items])
+                job.add_items(pipe, item_ids)
+                job.done_flags(pipe, item_ids)
                 _, done_flags = pipe.execute()
                 pipe = r.pipeline()
                 # One Redis round trip for the batch's messages (Kombu's publish batch), not one each.
@@ -131,7 +130,7 @@ def enqueue_file(
                             declare=[] if counts["enqueued"] else None,
                         )
                         counts["enqueued"] += 1
-                pipe.hincrby(k.job_key(job_id), "enqueued", sum(1 for d in done_flags if not d))
+                job.count_enqueued(pipe, sum(1 for d in done_flags if not d))
                 pipe.llen(k.QUEUE_GENERATE)
                 queued = pipe.execute()[-1]
                 if settings.max_queued and queued > settings.max_queued:
@@ -139,11 +138,8 @@ def enqueue_file(
                 if on_progress:
                     on_progress(counts["rows"])
         # Only a complete pass closes the job: after a failure the rerun must be able to finish it.
-        pipe = r.pipeline()
-        pipe.hincrby(k.job_key(job_id), "skipped", counts["skipped"])
-        pipe.hset(k.job_key(job_id), mapping={"enqueue_complete": 1, "state": "running"})
-        pipe.execute()
-        jobs.finish_if_complete(r, job_id, task_sender(app))
+        job.close_enqueue(counts["skipped"])
+        job.finish_if_complete(task_sender(app))
     finally:
         with suppress(redis.RedisError):  # the keys expire by themselves if Redis is gone
             ids.close()

@@ -1,18 +1,27 @@
-"""The job registry in Redis: one hash per job with its outputs and counters, plus item sets."""
+"""The job registry in Redis: one hash per job with its outputs and counters, plus item sets.
+
+This module is the only code that names a job's keys and hash fields (their names are in
+`producer.constants`): the producer, the workers and the collector go through `JobRecord`, and
+read a job with `job_status`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT, FieldT
 
 from producer import constants as k
+from producer.contract import ResultRecord
 
 
 @dataclass(frozen=True)
@@ -72,61 +81,217 @@ class JobStatus:
         }
 
 
-def register_job(
-    r: redis.Redis,
-    job_id: str,
-    *,
-    output_path: str,
-    errors_path: str,
-    output_key: str,
-    input_path: str,
-    params_json: str,
-    on_done_task: str | None = None,
-    on_done_queue: str | None = None,
-) -> None:
-    """Creates the job, or reopens it for another enqueue pass over the same input."""
-    now = time.time()
-    pipe = r.pipeline()
-    pipe.hsetnx(k.job_key(job_id), "created_at", now)
-    pipe.hset(
-        k.job_key(job_id),
-        mapping={
-            "state": "enqueuing",
-            "output_path": output_path,
-            "errors_path": errors_path,
-            "output_key": output_key,
-            "input_path": input_path,
-            "params": params_json,
-            "enqueue_complete": 0,
-        },
-    )
-    pipe.hdel(k.job_key(job_id), "finished_at", "cancelled")
-    if on_done_task:
+@dataclass(frozen=True)
+class JobConfig:
+    """Where the collector writes a job's rows."""
+
+    output_path: str
+    errors_path: str
+    output_key: str
+    registered: bool
+    """False for a job the collector adopted: only its results name its items."""
+
+
+SendTask = Callable[[str, str, dict[str, object]], None]
+"""(task name, queue, kwargs) -> None: sends a Celery task by name."""
+
+
+class JobRecord:
+    """One job's keys in Redis: its hash (settings, output paths, counters), its item set, its done
+    set, its restart counts and the collector's write marker.
+
+    Methods that take a ``pipe`` only add their commands to it, so the caller can make them part of
+    one MULTI or one round trip with its own commands; the others talk to Redis themselves.
+    """
+
+    __slots__ = ("job_id", "key", "r")
+
+    def __init__(self, r: redis.Redis, job_id: str) -> None:
+        self.r = r
+        self.job_id = job_id
+        self.key = k.job_key(job_id)
+
+    # --- the producer --------------------------------------------------------------------------
+
+    def register(
+        self,
+        *,
+        output_path: str,
+        errors_path: str,
+        output_key: str,
+        input_path: str,
+        params_json: str,
+        on_done_task: str | None = None,
+        on_done_queue: str | None = None,
+    ) -> None:
+        """Creates the job, or reopens it for another enqueue pass over the same input."""
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.hsetnx(self.key, k.JOB_CREATED_AT, now)
         pipe.hset(
-            k.job_key(job_id),
-            mapping={"on_done_task": on_done_task, "on_done_queue": on_done_queue or "celery"},
+            self.key,
+            mapping={
+                k.JOB_STATE: "enqueuing",
+                k.JOB_OUTPUT_PATH: output_path,
+                k.JOB_ERRORS_PATH: errors_path,
+                k.JOB_OUTPUT_KEY: output_key,
+                k.JOB_INPUT_PATH: input_path,
+                k.JOB_PARAMS: params_json,
+                k.JOB_ENQUEUE_COMPLETE: 0,
+            },
         )
-    pipe.zadd(k.JOBS_INDEX, {job_id: now}, nx=True)
-    pipe.execute()
+        pipe.hdel(self.key, k.JOB_FINISHED_AT, k.JOB_CANCELLED)
+        if on_done_task:
+            pipe.hset(
+                self.key,
+                mapping={k.JOB_ON_DONE_TASK: on_done_task, k.JOB_ON_DONE_QUEUE: on_done_queue or "celery"},
+            )
+        pipe.zadd(k.JOBS_INDEX, {self.job_id: now}, nx=True)
+        pipe.execute()
 
+    def pass_scratch_key(self) -> str:
+        """A fresh prefix for the scratch keys of one enqueue pass (the row digests it has seen)."""
+        return k.job_pass_key(self.job_id, uuid.uuid4().hex)
 
-def adopt_job(r: redis.Redis, job_id: str, output_dir: Path) -> dict[str, str]:
-    """Registers a job first seen by the collector, writing to ``output_dir/<job_id>.jsonl`` (see
-    `job_file_stem` for ids that are not plain file names)."""
-    safe = job_file_stem(job_id)
-    fields = {
-        "state": "running",
-        "output_path": str(output_dir / f"{safe}.jsonl"),
-        "errors_path": str(output_dir / f"{safe}.errors.jsonl"),
-        "output_key": "qa_pairs",
-        "created_at": str(time.time()),
-    }
-    pipe = r.pipeline()
-    for key, value in fields.items():
-        pipe.hsetnx(k.job_key(job_id), key, value)
-    pipe.zadd(k.JOBS_INDEX, {job_id: time.time()}, nx=True)
-    pipe.execute()
-    return job_config(r, job_id) or fields
+    def add_items(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
+        """Adds to ``pipe``: record ``item_ids`` as the job's items."""
+        pipe.sadd(k.job_items_key(self.job_id), *item_ids)
+
+    def done_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
+        """Adds to ``pipe``: whether each of ``item_ids`` is already written (a list of 0 and 1)."""
+        pipe.smismember(k.job_done_key(self.job_id), list(item_ids))
+
+    def count_enqueued(self, pipe: redis.client.Pipeline, tasks: int) -> None:
+        """Adds to ``pipe``: ``tasks`` more tasks were sent."""
+        pipe.hincrby(self.key, k.JOB_ENQUEUED, tasks)
+
+    def close_enqueue(self, skipped: int) -> None:
+        """An enqueue pass sent every row (``skipped`` of them were already written): the job can
+        finish once the collector has written the rest."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(self.key, k.JOB_SKIPPED, skipped)
+        pipe.hset(self.key, mapping={k.JOB_ENQUEUE_COMPLETE: 1, k.JOB_STATE: "running"})
+        pipe.execute()
+
+    def cancel(self) -> bool:
+        """Marks the job cancelled: workers turn its remaining tasks into ``cancelled`` error rows.
+        False if there is no such job."""
+        if not self.r.exists(self.key):
+            return False
+        self.r.hset(self.key, mapping={k.JOB_STATE: "cancelled", k.JOB_CANCELLED: 1})
+        return True
+
+    def reset(self) -> None:
+        """Forgets the job's items, written rows, counters and restarts, so that enqueueing it again
+        starts it afresh (for output files that are gone)."""
+        self.r.delete(
+            self.key,
+            k.job_items_key(self.job_id),
+            k.job_done_key(self.job_id),
+            k.job_attempts_key(self.job_id),
+        )
+
+    def lost_in_transit(self, status: JobStatus) -> bool:
+        """True when the job (last read as ``status``) was fully enqueued but is not done, while
+        nothing is queued, running or uncollected: the missing rows' tasks were lost in transit (see
+        `nothing_in_flight`), and enqueueing the same input again sends exactly those rows."""
+        if not status.enqueue_complete or status.finished or not nothing_in_flight(self.r):
+            return False
+        # The collector may have finished the job since ``status`` was read.
+        return not self.r.hexists(self.key, k.JOB_FINISHED_AT)
+
+    # --- the workers ---------------------------------------------------------------------------
+
+    def is_cancelled(self) -> bool:
+        return self.r.hget(self.key, k.JOB_CANCELLED) == b"1"
+
+    def count_start(self, item_id: str) -> int:
+        """Counts one more start of ``item_id`` by a worker; returns how many were counted."""
+        return int(self.r.hincrby(k.job_attempts_key(self.job_id), item_id, 1))
+
+    # --- the collector -------------------------------------------------------------------------
+
+    def config(self) -> JobConfig | None:
+        """Where to write the job's rows; None for a job no producer registered."""
+        raw: dict[bytes, bytes] = self.r.hgetall(self.key)  # type: ignore[assignment]
+        return _config({key.decode(): value.decode() for key, value in raw.items()})
+
+    def adopt(self, output_dir: Path) -> JobConfig:
+        """Registers a job first seen by the collector, writing to ``output_dir/<job_id>.jsonl`` (see
+        `job_file_stem` for ids that are not plain file names)."""
+        safe = job_file_stem(self.job_id)
+        fields = {
+            k.JOB_STATE: "running",
+            k.JOB_OUTPUT_PATH: str(output_dir / f"{safe}.jsonl"),
+            k.JOB_ERRORS_PATH: str(output_dir / f"{safe}.errors.jsonl"),
+            k.JOB_OUTPUT_KEY: "qa_pairs",
+            k.JOB_CREATED_AT: str(time.time()),
+        }
+        pipe = self.r.pipeline()
+        for key, value in fields.items():
+            pipe.hsetnx(self.key, key, value)
+        pipe.zadd(k.JOBS_INDEX, {self.job_id: time.time()}, nx=True)
+        pipe.execute()
+        config = self.config() or _config(fields)
+        assert config is not None
+        return config
+
+    def mark_writing(self, pipe: redis.client.Pipeline, marker: Mapping[FieldT, EncodableT]) -> None:
+        """Adds to ``pipe``: set the collector's write marker (what to undo if the write is torn)."""
+        pipe.hset(k.job_writing_key(self.job_id), mapping=marker)
+
+    def clear_write_marker(self, pipe: redis.client.Pipeline | None = None) -> None:
+        """Deletes the write marker, or adds that to ``pipe``."""
+        (pipe if pipe is not None else self.r).delete(k.job_writing_key(self.job_id))
+
+    def record_results(
+        self, pipe: redis.client.Pipeline, records: Collection[ResultRecord], *, new_items: bool
+    ) -> None:
+        """Adds to ``pipe``: ``records`` are written (to the output or the errors file). Puts them in
+        the done set (and in the item set if ``new_items``: an adopted job) and counts them: rows
+        written and failed, failures by error code, pairs kept and rejected by reason."""
+        pipe.sadd(k.job_done_key(self.job_id), *[rec.item_id for rec in records])
+        if new_items:
+            pipe.sadd(k.job_items_key(self.job_id), *[rec.item_id for rec in records])
+        failed = sum(1 for rec in records if not rec.ok)
+        pipe.hincrby(self.key, k.JOB_WRITTEN, len(records) - failed)
+        pipe.hincrby(self.key, k.JOB_FAILED, failed)
+        for name, count in _counters(records).items():
+            pipe.hincrby(self.key, name, count)
+
+    def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
+        """Marks the job done when enqueueing is over and every item is written; True if it is done.
+
+        Called by the collector after each batch and by the producer after enqueueing; idempotent.
+        When the job finishes it announces it on its pub/sub channel and, if the enqueuer named one,
+        sends the Celery task ``on_done_task`` with the job's figures.
+        """
+        pipe = self.r.pipeline()
+        pipe.hget(self.key, k.JOB_ENQUEUE_COMPLETE)
+        pipe.scard(k.job_items_key(self.job_id))
+        pipe.scard(k.job_done_key(self.job_id))
+        complete, total, done = pipe.execute()
+        if complete != b"1" or done < total:
+            return False
+        if self.r.hsetnx(self.key, k.JOB_FINISHED_AT, time.time()):
+            if self.r.hget(self.key, k.JOB_CANCELLED) != b"1":
+                self.r.hset(self.key, k.JOB_STATE, "done")
+            status = job_status(self.r, self.job_id)
+            assert status is not None
+            event = {
+                "job_id": self.job_id,
+                "event": "finished",
+                "state": status.state,
+                "written": status.written,
+                "failed": status.failed,
+                "output_path": status.output_path,
+                "errors_path": status.errors_path,
+            }
+            self.r.publish(k.job_events_channel(self.job_id), orjson.dumps(event))
+            callback: list[bytes | None] = self.r.hmget(self.key, [k.JOB_ON_DONE_TASK, k.JOB_ON_DONE_QUEUE])  # type: ignore[assignment]
+            if callback[0] and send_task is not None:
+                send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
+        return True
 
 
 def job_file_stem(job_id: str) -> str:
@@ -141,14 +306,35 @@ def job_file_stem(job_id: str) -> str:
     return f"{safe[:64]}~{hashlib.sha256(job_id.encode()).hexdigest()[:32]}"
 
 
-def job_config(r: redis.Redis, job_id: str) -> dict[str, str] | None:
-    raw: dict[bytes, bytes] = r.hgetall(k.job_key(job_id))  # type: ignore[assignment]
-    if not raw:
+def _config(h: dict[str, str]) -> JobConfig | None:
+    if k.JOB_OUTPUT_PATH not in h:
         return None
-    return {key.decode(): value.decode() for key, value in raw.items()}
+    return JobConfig(
+        output_path=h[k.JOB_OUTPUT_PATH],
+        errors_path=h[k.JOB_ERRORS_PATH],
+        output_key=h.get(k.JOB_OUTPUT_KEY, "qa_pairs"),
+        registered=k.JOB_INPUT_PATH in h,
+    )
+
+
+def _counters(records: Collection[ResultRecord]) -> Counter[str]:
+    """Job counters of failures by error code, and of pair quality: pairs written, generation tries,
+    rejected pairs by reason and the verification pass."""
+    counts: Counter[str] = Counter()
+    for rec in records:
+        if rec.error is not None:
+            counts[k.JOB_FAILED_PREFIX + rec.error.code] += 1
+        counts[k.JOB_QA_PREFIX + "pairs"] += len(rec.qa_pairs or ())
+        if rec.qa_stats is not None:
+            counts[k.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
+            counts[k.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
+            counts[k.JOB_QA_PREFIX + "agreed"] += rec.qa_stats.agreed
+            counts.update({k.JOB_REJECTED_PREFIX + reason: n for reason, n in rec.qa_stats.rejected.items()})
+    return +counts  # drops zero counts
 
 
 def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
+    """The job's progress and figures; None if there is no such job."""
     pipe = r.pipeline()
     pipe.hgetall(k.job_key(job_id))
     pipe.scard(k.job_items_key(job_id))
@@ -158,22 +344,26 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
     h = {key.decode(): value.decode() for key, value in raw.items()}
     return JobStatus(
         job_id=job_id,
-        state=h.get("state", "unknown"),
+        state=h.get(k.JOB_STATE, "unknown"),
         total=int(total),
-        written=int(h.get("written", 0)),
-        failed=int(h.get("failed", 0)),
-        enqueued=int(h.get("enqueued", 0)),
-        skipped=int(h.get("skipped", 0)),
-        enqueue_complete=h.get("enqueue_complete") == "1",
-        output_path=h.get("output_path", ""),
-        errors_path=h.get("errors_path", ""),
-        output_key=h.get("output_key", "qa_pairs"),
-        created_at=float(h.get("created_at", 0)),
-        finished_at=float(h["finished_at"]) if "finished_at" in h else None,
-        failures={key[7:]: int(v) for key, v in h.items() if key.startswith("failed:")},
-        rejected={key[9:]: int(v) for key, v in h.items() if key.startswith("rejected:")},
-        qa={key[3:]: int(v) for key, v in h.items() if key.startswith("qa:")},
+        written=int(h.get(k.JOB_WRITTEN, 0)),
+        failed=int(h.get(k.JOB_FAILED, 0)),
+        enqueued=int(h.get(k.JOB_ENQUEUED, 0)),
+        skipped=int(h.get(k.JOB_SKIPPED, 0)),
+        enqueue_complete=h.get(k.JOB_ENQUEUE_COMPLETE) == "1",
+        output_path=h.get(k.JOB_OUTPUT_PATH, ""),
+        errors_path=h.get(k.JOB_ERRORS_PATH, ""),
+        output_key=h.get(k.JOB_OUTPUT_KEY, "qa_pairs"),
+        created_at=float(h.get(k.JOB_CREATED_AT, 0)),
+        finished_at=float(h[k.JOB_FINISHED_AT]) if k.JOB_FINISHED_AT in h else None,
+        failures=_prefixed(h, k.JOB_FAILED_PREFIX),
+        rejected=_prefixed(h, k.JOB_REJECTED_PREFIX),
+        qa=_prefixed(h, k.JOB_QA_PREFIX),
     )
+
+
+def _prefixed(h: dict[str, str], prefix: str) -> dict[str, int]:
+    return {key.removeprefix(prefix): int(v) for key, v in h.items() if key.startswith(prefix)}
 
 
 def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
@@ -181,8 +371,25 @@ def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
     return [j.decode() for j in ids]
 
 
-SendTask = Callable[[str, str, dict[str, object]], None]
-"""(task name, queue, kwargs) -> None: sends a Celery task by name."""
+def unfinished_jobs(r: redis.Redis) -> list[str]:
+    """The ids of the jobs not marked finished, in one round trip after the index."""
+    job_ids: list[bytes] = r.zrange(k.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hexists(k.job_key(job_id.decode()), k.JOB_FINISHED_AT)
+    return [job_id.decode() for job_id, done in zip(job_ids, pipe.execute(), strict=True) if not done]
+
+
+_MARKER_HEAD, _, _MARKER_TAIL = k.job_writing_key("*").partition("*")
+
+
+def write_markers(r: redis.Redis) -> Iterator[tuple[JobRecord, dict[str, str]]]:
+    """Every job with a collector's write marker, and the marker."""
+    for key in r.scan_iter(match=k.job_writing_key("*"), count=1000):
+        raw: dict[bytes, bytes] = r.hgetall(key)  # type: ignore[assignment]
+        if raw:
+            job_id = key.decode().removeprefix(_MARKER_HEAD).removesuffix(_MARKER_TAIL)
+            yield JobRecord(r, job_id), {a.decode(): b.decode() for a, b in raw.items()}
 
 
 KOMBU_UNACKED_KEY = "unacked"
@@ -210,46 +417,3 @@ def nothing_in_flight(r: redis.Redis) -> bool:
     except redis.ResponseError:
         return True
     return all(not (g.get("lag") or g.get("pending")) for g in groups)
-
-
-def cancel_job(r: redis.Redis, job_id: str) -> bool:
-    """Marks the job cancelled: workers turn its remaining tasks into ``cancelled`` error rows."""
-    if not r.exists(k.job_key(job_id)):
-        return False
-    r.hset(k.job_key(job_id), mapping={"state": "cancelled", "cancelled": 1})
-    return True
-
-
-def finish_if_complete(r: redis.Redis, job_id: str, send_task: SendTask | None = None) -> bool:
-    """Marks the job done when enqueueing is over and every item is written; True if it is done.
-
-    Called by the collector after each batch and by the producer after enqueueing; idempotent. When
-    the job finishes it announces it on its pub/sub channel and, if the enqueuer named one, sends the
-    Celery task ``on_done_task`` with the job's figures.
-    """
-    pipe = r.pipeline()
-    pipe.hget(k.job_key(job_id), "enqueue_complete")
-    pipe.scard(k.job_items_key(job_id))
-    pipe.scard(k.job_done_key(job_id))
-    complete, total, done = pipe.execute()
-    if complete != b"1" or done < total:
-        return False
-    if r.hsetnx(k.job_key(job_id), "finished_at", time.time()):
-        if r.hget(k.job_key(job_id), "cancelled") != b"1":
-            r.hset(k.job_key(job_id), "state", "done")
-        status = job_status(r, job_id)
-        assert status is not None
-        event = {
-            "job_id": job_id,
-            "event": "finished",
-            "state": status.state,
-            "written": status.written,
-            "failed": status.failed,
-            "output_path": status.output_path,
-            "errors_path": status.errors_path,
-        }
-        r.publish(k.job_events_channel(job_id), orjson.dumps(event))
-        callback: list[bytes | None] = r.hmget(k.job_key(job_id), ["on_done_task", "on_done_queue"])  # type: ignore[assignment]
-        if callback[0] and send_task is not None:
-            send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
-    return True

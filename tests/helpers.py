@@ -15,7 +15,8 @@ import orjson
 from PIL import Image
 
 from producer.broker import redis_client
-from producer.jobs import JobStatus, job_status
+from producer.jobs import JobStatus
+from producer.wait import wait_for_job
 from workers.collector import Collector
 from workers.settings import CollectorSettings
 
@@ -69,15 +70,13 @@ class CollectorThread:
         self.thread.join(10)
 
 
-def wait_done(redis_url: str, job_id: str, timeout_s: float = 120.0) -> JobStatus:
+def wait_done(redis_url: str, job_id: str, timeout_s: float = 120.0, **wait: Any) -> JobStatus:
+    """`producer.wait.wait_for_job` polling every 0.1 s; ``wait`` takes its other options."""
     r = redis_client(redis_url)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = job_status(r, job_id)
-        if st is not None and st.finished:
-            return st
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not done after {timeout_s} s: {job_status(r, job_id)}")
+    try:
+        return wait_for_job(r, job_id, poll_s=0.1, timeout_s=timeout_s, **wait)
+    finally:
+        r.close()
 
 
 class WorkerProcess:

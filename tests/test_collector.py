@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from producer import constants as k
-from producer import jobs
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, ResultRecord
-from producer.jobs import job_status, register_job
+from producer.jobs import JobRecord, job_status
 from producer.results import publish
 from tests.helpers import read_jsonl
 from workers.collector import Collector
@@ -33,9 +32,7 @@ def _publish(url: str, job: str, first: int, count: int) -> None:
 
 def _register(url: str, tmp_path: Path) -> Path:
     out = tmp_path / "out.jsonl"
-    register_job(
-        redis_client(url),
-        "job",
+    JobRecord(redis_client(url), "job").register(
         output_path=str(out),
         errors_path=str(tmp_path / "out.errors.jsonl"),
         output_key="qa_pairs",
@@ -82,11 +79,14 @@ def test_a_job_whose_last_batch_was_written_before_a_crash_is_finished_on_restar
     # could mark the job done
     r = redis_client(redis_url)
     out = _register(redis_url, tmp_path)
-    r.sadd(k.job_items_key("job"), *[f"item-{i}" for i in range(10)])
-    r.hset(k.job_key("job"), "enqueue_complete", 1)
+    job = JobRecord(r, "job")
+    pipe = r.pipeline()
+    job.add_items(pipe, [f"item-{i}" for i in range(10)])
+    pipe.execute()
+    job.close_enqueue(skipped=0)
     _publish(redis_url, "job", 0, 10)
     dying = Collector(CollectorSettings(redis_url=redis_url, metrics_port=0))
-    monkeypatch.setattr(jobs, "finish_if_complete", lambda *args, **kwargs: False)
+    monkeypatch.setattr(JobRecord, "finish_if_complete", lambda *args, **kwargs: False)
     dying.start()
     dying.step()
     monkeypatch.undo()

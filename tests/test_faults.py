@@ -91,23 +91,10 @@ def assert_exactly_once(output: Path, rows: int, allowed_errors: dict[str, int] 
 
 
 def wait_done_resending(redis_url: str, job_id: str, source: Path, output: Path, timeout_s: float = 120):  # type: ignore[no-untyped-def]
-    from producer.jobs import job_status
+    def resend(_status: object) -> None:
+        assert enqueue(redis_url, source, output) == job_id
 
-    r = redis_client(redis_url)
-    deadline, idle_since = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        st = job_status(r, job_id)
-        if st is not None and st.finished:
-            return st
-        if nothing_in_flight(r):
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > 6:
-                assert enqueue(redis_url, source, output) == job_id
-                idle_since = None
-        else:
-            idle_since = None
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not done: {job_status(r, job_id)}")
+    return wait_done(redis_url, job_id, timeout_s, resend=resend, resend_after_s=6)
 
 
 def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:

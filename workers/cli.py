@@ -23,12 +23,14 @@ from producer.cli import (
     console,
     fail,
     generation_params,
+    progress_bar,
     setup_logging,
-    wait_for_job,
     with_generation_options,
 )
 from producer.contract import GenerationParams
 from producer.errors import ImageQAError
+from producer.jobs import JobStatus
+from producer.wait import wait_for_job
 
 if TYPE_CHECKING:
     from workers.settings import WorkerSettings
@@ -134,15 +136,23 @@ def run(
             log=console,
         ) as cluster:
             summary = cluster.enqueue(input_path, output, params, input_format=input_format)
-            try:
-                st = wait_for_job(
-                    cluster.redis,
-                    summary.job_id,
-                    console,
-                    alive=cluster.worker_alive,
-                    stall_timeout_s=stall_timeout_s or None,
-                    resend=lambda: cluster.enqueue(input_path, output, params, input_format=input_format),
+
+            def resend(st: JobStatus) -> None:
+                console.print(
+                    f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
                 )
+                cluster.enqueue(input_path, output, params, input_format=input_format)
+
+            try:
+                with progress_bar("images") as update:
+                    st = wait_for_job(
+                        cluster.redis,
+                        summary.job_id,
+                        on_progress=lambda latest: update(latest.done, latest.failed, latest.total),
+                        alive=cluster.worker_alive,
+                        stall_timeout_s=stall_timeout_s or None,
+                        resend=resend,
+                    )
             except ImageQAError as e:
                 raise ImageQAError(
                     f"{e.message}\nlast lines of the worker log:\n{cluster.worker_log_tail()}"

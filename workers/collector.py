@@ -19,8 +19,6 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,21 +28,21 @@ import redis
 
 from producer import constants as k
 from producer import jobs
-from producer.broker import celery_app, redis_client, task_sender
+from producer.broker import RETRYABLE, RedisBackoff, celery_app, redis_client, task_sender
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
+from producer.jobs import JobConfig, JobRecord
 from producer.results import FIELD
 from workers import metrics
 from workers.settings import CollectorSettings
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-
 
 @dataclass
 class _JobBatch:
-    config: dict[str, str]
+    job: JobRecord
+    config: JobConfig
     records: dict[str, ResultRecord] = field(default_factory=dict)
     ok: list[bytes] = field(default_factory=list)
     failed: list[ResultRecord] = field(default_factory=list)
@@ -56,7 +54,7 @@ class Collector:
         self.r = client or redis_client(settings.redis_url)
         self.rows_written = 0
         self.rows_failed = 0
-        self._configs: dict[str, dict[str, str]] = {}
+        self._configs: dict[str, JobConfig] = {}
         self._last_claim = 0.0
         self._last_observe = 0.0
         self._celery: Any = None
@@ -64,7 +62,7 @@ class Collector:
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
         stop = stop or threading.Event()
-        backoff_s = 0.1
+        backoff = RedisBackoff(sleep=stop.wait)
         while not stop.is_set():
             try:
                 self.start()
@@ -72,11 +70,9 @@ class Collector:
                     self.step(block_ms=self.settings.block_ms)
                     self.maybe_claim()
                     self.maybe_observe()
-                    backoff_s = 0.1
+                    backoff.reset()
             except RETRYABLE as e:
-                log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff.wait(e)
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
@@ -100,10 +96,7 @@ class Collector:
     def recover(self) -> None:
         """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers."""
         now = time.time()
-        for key in self.r.scan_iter(match=k.job_writing_key("*"), count=1000):
-            marker = {a.decode(): b.decode() for a, b in self.r.hgetall(key).items()}  # type: ignore[union-attr]
-            if not marker:
-                continue
+        for job, marker in jobs.write_markers(self.r):
             stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
             if marker.get("consumer") != self.settings.consumer and not stale:
                 continue
@@ -113,18 +106,14 @@ class Collector:
                 if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
                     log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
                     os.truncate(path, size)
-            self.r.delete(key)
+            job.clear_write_marker()
 
     def finish_open_jobs(self) -> None:
         """Marks done the jobs whose rows are all written but which are not marked finished: a
         collector killed between writing a job's last batch and marking the job leaves one behind."""
-        job_ids: list[bytes] = self.r.zrange(k.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hexists(k.job_key(job_id.decode()), "finished_at")
-        for job_id, finished in zip(job_ids, pipe.execute(), strict=True):
-            if not finished and jobs.finish_if_complete(self.r, job_id.decode(), self._send_task):
-                log.info("job %s: every row was written before a restart; marked done", job_id.decode())
+        for job_id in jobs.unfinished_jobs(self.r):
+            if JobRecord(self.r, job_id).finish_if_complete(self._send_task):
+                log.info("job %s: every row was written before a restart; marked done", job_id)
 
     def maybe_claim(self) -> None:
         """Takes over entries that another, dead collector read but never acked."""
@@ -202,26 +191,25 @@ class Collector:
             except (ContractError, KeyError) as e:
                 log.error("dropping stream entry %s: %s", entry_id.decode(), e)
                 continue
-            batch = batches.setdefault(record.job_id, _JobBatch(self._config(record.job_id)))
+            batch = batches.get(record.job_id)
+            if batch is None:
+                job = JobRecord(self.r, record.job_id)
+                batch = batches[record.job_id] = _JobBatch(job, self._config(job))
             batch.records.setdefault(record.item_id, record)
         self._select_fresh(batches)
         writing = {job_id: b for job_id, b in batches.items() if b.ok or b.failed}
         self._mark(writing)
         for batch in writing.values():
-            _append(Path(batch.config["output_path"]), batch.ok)
-            _append(Path(batch.config["errors_path"]), [orjson.dumps(error_row(rec)) for rec in batch.failed])
-        pipe = self.r.pipeline(transaction=True)
-        for job_id, batch in writing.items():
-            self._commit(job_id, batch, pipe)
-        pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *[entry_id for entry_id, _ in entries])
-        pipe.execute()
+            _append(Path(batch.config.output_path), batch.ok)
+            _append(Path(batch.config.errors_path), [orjson.dumps(error_row(rec)) for rec in batch.failed])
+        self._commit(writing, [entry_id for entry_id, _ in entries])
         for batch in writing.values():
             self.rows_written += len(batch.ok)
             self.rows_failed += len(batch.failed)
             metrics.ROWS.labels("output").inc(len(batch.ok))
             metrics.ROWS.labels("errors").inc(len(batch.failed))
-        for job_id in batches:
-            if jobs.finish_if_complete(self.r, job_id, self._send_task):
+        for job_id, batch in batches.items():
+            if batch.job.finish_if_complete(self._send_task):
                 self._configs.pop(job_id, None)
 
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
@@ -233,10 +221,10 @@ class Collector:
 
     def _select_fresh(self, batches: dict[str, _JobBatch]) -> None:
         pipe = self.r.pipeline(transaction=False)
-        for job_id, batch in batches.items():
-            pipe.smismember(k.job_done_key(job_id), list(batch.records))
+        for batch in batches.values():
+            batch.job.done_flags(pipe, batch.records)
         for batch, done in zip(batches.values(), pipe.execute(), strict=True):
-            output_key = batch.config.get("output_key", "qa_pairs")
+            output_key = batch.config.output_key
             for record, is_done in zip(batch.records.values(), done, strict=True):
                 if is_done:
                     continue
@@ -252,55 +240,38 @@ class Collector:
         if not writing:
             return
         pipe = self.r.pipeline(transaction=False)
-        for job_id, batch in writing.items():
-            pipe.hset(
-                k.job_writing_key(job_id),
-                mapping={
+        for batch in writing.values():
+            batch.job.mark_writing(
+                pipe,
+                {
                     "consumer": self.settings.consumer,
                     "t": time.time(),
-                    "output_path": batch.config["output_path"],
-                    "errors_path": batch.config["errors_path"],
-                    "output_size": _size(batch.config["output_path"]),
-                    "errors_size": _size(batch.config["errors_path"]),
+                    "output_path": batch.config.output_path,
+                    "errors_path": batch.config.errors_path,
+                    "output_size": _size(batch.config.output_path),
+                    "errors_size": _size(batch.config.errors_path),
                 },
             )
         pipe.execute()
 
-    def _commit(self, job_id: str, batch: _JobBatch, pipe: redis.client.Pipeline) -> None:
-        pipe.sadd(k.job_done_key(job_id), *batch.records)
-        if "input_path" not in batch.config:  # an adopted job: its items are known only from results
-            pipe.sadd(k.job_items_key(job_id), *batch.records)
-        pipe.hincrby(k.job_key(job_id), "written", len(batch.ok))
-        pipe.hincrby(k.job_key(job_id), "failed", len(batch.failed))
-        for rec in batch.failed:
-            pipe.hincrby(k.job_key(job_id), f"failed:{rec.error.code}", 1)  # type: ignore[union-attr]
-        for name, count in _qa_counters(batch.records.values()).items():
-            pipe.hincrby(k.job_key(job_id), name, count)
-        pipe.delete(k.job_writing_key(job_id))
+    def _commit(self, writing: dict[str, _JobBatch], entry_ids: list[bytes]) -> None:
+        """In one MULTI: the rows written are recorded, their markers deleted and the entries acked."""
+        pipe = self.r.pipeline(transaction=True)
+        for batch in writing.values():
+            batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
+            batch.job.clear_write_marker(pipe)
+        pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
+        pipe.execute()
 
-    def _config(self, job_id: str) -> dict[str, str]:
-        if job_id not in self._configs:
-            config = jobs.job_config(self.r, job_id)
-            if config is None or "output_path" not in config:
+    def _config(self, job: JobRecord) -> JobConfig:
+        if job.job_id not in self._configs:
+            config = job.config()
+            if config is None:
                 # Tasks sent by a plain Celery client name a job nobody registered: adopt it.
-                config = jobs.adopt_job(self.r, job_id, Path(self.settings.output_dir).resolve())
-                log.info("job %s was not registered; writing it to %s", job_id, config["output_path"])
-            self._configs[job_id] = config
-        return self._configs[job_id]
-
-
-def _qa_counters(records: Iterable[ResultRecord]) -> Counter[str]:
-    """Job counters of pair quality: pairs written, generation tries, rejected pairs by reason
-    (``rejected:<reason>``) and the verification pass (``qa:verified``, ``qa:agreed``)."""
-    counts: Counter[str] = Counter()
-    for rec in records:
-        counts["qa:pairs"] += len(rec.qa_pairs or ())
-        if rec.qa_stats is not None:
-            counts["qa:tries"] += rec.qa_stats.tries
-            counts["qa:verified"] += rec.qa_stats.verified
-            counts["qa:agreed"] += rec.qa_stats.agreed
-            counts.update({f"rejected:{reason}": n for reason, n in rec.qa_stats.rejected.items()})
-    return +counts  # drops zero counts
+                config = job.adopt(Path(self.settings.output_dir).resolve())
+                log.info("job %s was not registered; writing it to %s", job.job_id, config.output_path)
+            self._configs[job.job_id] = config
+        return self._configs[job.job_id]
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:

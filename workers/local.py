@@ -18,11 +18,11 @@ from typing import Any
 
 from rich.console import Console
 
-from producer import constants as k
 from producer.broker import check_redis, redis_client
 from producer.contract import GenerationParams
 from producer.enqueue import EnqueueSummary, default_errors_path, default_job_id, enqueue_file
 from producer.errors import BrokerUnavailable
+from producer.jobs import JobRecord
 from workers.collector import Collector
 from workers.settings import RunSettings, child_environ
 
@@ -72,7 +72,7 @@ class LocalCluster:
         job_id = default_job_id(input_path, output, params)
         if not output.exists() and not default_errors_path(output.resolve()).exists():
             # The files were removed (or never written): start the job afresh instead of skipping.
-            self.redis.delete(k.job_done_key(job_id), k.job_items_key(job_id), k.job_key(job_id))
+            JobRecord(self.redis, job_id).reset()
         return enqueue_file(input_path, output, settings=settings, params=params, input_format=input_format)
 
     def worker_alive(self) -> bool:

@@ -8,13 +8,14 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.exceptions import Reject
 
 from producer import constants as k
+from producer.broker import RETRYABLE, with_redis_retry
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError, ErrorCode
+from producer.jobs import JobRecord
 from producer.results import publish
 from workers import metrics
 from workers.app import results_client, runtime, worker_settings
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 PUBLISH_RETRY_S = 300.0
 """How long a finished result waits for Redis to come back before the task gives up on it."""
 EXIT_ENGINE_DEAD = 70
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _gate = IsolationGate()
 
 
@@ -64,7 +64,7 @@ class CancelFlags:
             seen = self._flags.get(job_id)
         if seen is not None and now - seen[0] < self.ttl_s:
             return seen[1]
-        flag = _with_redis(lambda: results_client().hget(k.job_key(job_id), "cancelled")) == b"1"
+        flag = with_redis_retry(lambda: JobRecord(results_client(), job_id).is_cancelled(), PUBLISH_RETRY_S)
         with self._lock:
             if len(self._flags) > 10_000:  # long-lived worker, many jobs: forget the stale ones
                 self._flags = {j: f for j, f in self._flags.items() if now - f[0] < self.ttl_s}
@@ -87,20 +87,21 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
         error = ErrorInfo(
             code=ErrorCode.CANCELLED, message="the job was cancelled before this row was processed"
         )
-        _with_redis(lambda: publish(results_client(), _error(message.model_dump(mode="json"), error)))
+        record = _error(message.model_dump(mode="json"), error)
+        with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
         return
     if redelivered:
         # It may be the item that crashed the last worker: run it alone (see isolation.py). Its first
         # start is not recorded (that would cost every task a round trip); later starts are, once
         # they really start, so items waiting their turn behind a crashing one are not charged.
-        attempts_key = k.job_attempts_key(message.job_id)
+        job = JobRecord(results_client(), message.job_id)
         with _gate.alone():
-            restarts = _with_redis(lambda: results_client().hincrby(attempts_key, message.item_id, 1))
-            record = _run(message, 1 + int(restarts))
+            restarts = with_redis_retry(lambda: job.count_start(message.item_id), PUBLISH_RETRY_S)
+            record = _run(message, 1 + restarts)
     else:
         with _gate.normal():
             record = _run(message, 1)
-    _with_redis(lambda: publish(results_client(), record))
+    with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
 
 
 def _run(message: TaskMessage, attempts: int) -> ResultRecord:
@@ -125,21 +126,6 @@ def _run(message: TaskMessage, attempts: int) -> ResultRecord:
         os._exit(EXIT_ENGINE_DEAD)
 
 
-def _with_redis(call: Any) -> Any:
-    """Runs a Redis call, waiting out a Redis restart instead of losing the item."""
-    deadline = time.monotonic() + PUBLISH_RETRY_S
-    delay_s = 0.1
-    while True:
-        try:
-            return call()
-        except RETRYABLE as e:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay_s)
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 5.0)
-
-
 def _error(kwargs: dict[str, Any], error: ErrorInfo) -> ResultRecord:
     row_index = kwargs.get("row_index")
     return ResultRecord(
@@ -159,4 +145,4 @@ def _reject(kwargs: dict[str, Any], error: ContractError) -> None:
         log.error("dropping a task message without job_id/item_id: %s", error.message)
         return
     record = _error(kwargs, ErrorInfo(code=error.code, message=error.message))
-    _with_redis(lambda: publish(results_client(), record))
+    with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)

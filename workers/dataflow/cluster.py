@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,18 +26,19 @@ import redis
 
 from producer import constants as k
 from producer.broker import check_redis, redact, redis_client
+from producer.cli import progress_bar
 from producer.contract import ErrorInfo, QAPair, canonical_json
 from producer.enqueue import enqueue_file
 from producer.errors import ClusterServingError, ImageQAError
-from producer.jobs import JobStatus, job_status
+from producer.jobs import JobRecord, JobStatus, job_status
 from producer.settings import ProducerSettings, RedisSettings
+from producer.wait import wait_for_job
 from workers.dataflow.servings import (
     RowInput,
     RowResult,
     RunContext,
     Serving,
     generation_params,
-    progress_bar,
 )
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ class ClusterServing(Serving):
         known = job_status(r, job_id) is not None
         files = output.exists() or errors.exists()
         if known and not files:
-            r.delete(
-                k.job_key(job_id), k.job_items_key(job_id), k.job_done_key(job_id), k.job_attempts_key(job_id)
-            )
+            JobRecord(r, job_id).reset()
         elif files and not known:
             output.unlink(missing_ok=True)
             errors.unlink(missing_ok=True)
@@ -159,37 +157,20 @@ class ClusterServing(Serving):
             )
 
     def _wait(self, r: redis.Redis, job_id: str, total: int) -> JobStatus:
-        started = last_change = time.monotonic()
-        last_done = -1
-        warned = False
-        with progress_bar(total, "cluster", self.show_progress) as update:
-            while True:
-                st = job_status(r, job_id)
-                if st is None:
-                    raise ClusterServingError(f"cluster job {job_id} disappeared from Redis")
-                update(st.done, st.failed)
-                if st.finished:
-                    return st
-                now = time.monotonic()
-                if st.done != last_done:
-                    last_done, last_change = st.done, now
-                elif not warned and now - last_change > self.stall_warning_s:
-                    warned = True
-                    log.warning(
-                        "cluster job %s: no progress for %.0f s (%d/%d done); are workers and a collector "
-                        "running on %s?",
-                        job_id,
-                        now - last_change,
-                        st.done,
-                        st.total,
-                        redact(self.redis_url),
-                    )
-                if self.timeout_s is not None and now - started > self.timeout_s:
-                    raise ClusterServingError(
-                        f"cluster job {job_id}: {st.done}/{st.total} rows done after {self.timeout_s} s; "
-                        "it goes on, and running this step again resumes it"
-                    )
-                time.sleep(self.poll_s)
+        with progress_bar("cluster", total, enabled=self.show_progress) as update:
+            try:
+                return wait_for_job(
+                    r,
+                    job_id,
+                    poll_s=self.poll_s,
+                    on_progress=lambda latest: update(latest.done, latest.failed),
+                    timeout_s=self.timeout_s,
+                    stall_warning_s=self.stall_warning_s,
+                )
+            except ImageQAError as e:
+                raise ClusterServingError(
+                    f"cluster {e.message}, and running this step again resumes it"
+                ) from e
 
 
 def _write_lines(path: Path, lines: list[bytes]) -> None:

@@ -15,16 +15,15 @@ import dataclasses
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from producer.cli import progress_bar
 from producer.contract import ErrorInfo, GenerationParams, QAPair, TaskMessage
 from producer.errors import ContractError, DataFlowError, ErrorCode
 from workers.engines.base import Engine
@@ -164,7 +163,7 @@ class LocalServing(Serving):
                     results[i] = RowResult(error=ErrorInfo(code=e.code, message=e.message))
                     continue
                 futures[pool.submit(process, message, runtime, self.settings)] = i
-            with progress_bar(len(rows), f"{self.engine.name} engine", self.show_progress) as update:
+            with progress_bar(f"{self.engine.name} engine", len(rows), enabled=self.show_progress) as update:
                 done, failed = len(rows) - len(futures), len(rows) - len(futures)
                 update(done, failed)
                 for future in as_completed(futures):
@@ -331,24 +330,6 @@ class APIVLMServing_openai(LocalServing):
             request_timeout_s=timeout * (max_retries + 1) + 30 * max_retries,
             show_progress=show_progress,
         )
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr; yields ``update(done, failed)`` (totals so far). Disabled: a no-op."""
-    if not enabled or total == 0:
-        yield lambda done, failed: None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[failed]} failed"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    ) as progress:
-        task = progress.add_task(description, total=total, failed=0)
-        yield lambda done, failed: progress.update(task, completed=done, failed=failed)
 
 
 @contextlib.contextmanager
