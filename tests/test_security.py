@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Producer
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.enqueue import enqueue_file
-from producer.jobs import adopt_job
+from producer.jobs import JobRecord
 from producer.results import publish
 from producer.settings import ProducerSettings
 from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
@@ -186,8 +186,8 @@ def test_every_role_works_with_a_password_protected_redis(password_redis, media,
 def test_job_ids_that_differ_never_share_a_file(redis_url, tmp_path):
     r = redis_client(redis_url)
     ids = ["a_b", "a/b", "a:b", "a?b", "../a_b", "é", "è", "job", "job.errors", "x" * 300, "x" * 301]
-    paths = [adopt_job(r, job_id, tmp_path)["output_path"] for job_id in ids]
-    errors = [adopt_job(r, job_id, tmp_path)["errors_path"] for job_id in ids]
+    paths = [JobRecord(r, job_id).adopt(tmp_path).output_path for job_id in ids]
+    errors = [JobRecord(r, job_id).adopt(tmp_path).errors_path for job_id in ids]
     files = [Path(p) for p in paths + errors]
     assert len(set(files)) == len(files)
     assert all(f.parent == tmp_path and len(f.name) < 255 for f in files)
