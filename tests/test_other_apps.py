@@ -18,7 +18,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from celery import Celery
 
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.contract import TaskMessage
 from tests.conftest import Cluster
 from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl
@@ -88,7 +90,16 @@ def wait_for_lines(folder: Path, job_id: str, count: int, timeout_s: float = 60.
         time.sleep(0.1)
 
 
-def check_results(folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
+def send_marker(redis_url: str, job_id: str, image: Path) -> None:
+    """One more task of the job, queued behind every task sent before it."""
+    client = Celery("marker", broker=redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    kwargs = {"job_id": job_id, "item_id": "marker", "row_index": 99, "images": [str(image)]}
+    client.send_task(TASK_GENERATE, kwargs={**kwargs, "row": {"image": [str(image)]}}, queue=QUEUE_GENERATE)
+    client.close()
+
+
+def check_results(redis_url: str, folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
     """Every image gives one output line (its row plus pairs); the missing one an error line."""
     out, errors = wait_for_lines(folder, job_id, len(images) + 1)
     assert sorted(row["image"] for row in out) == sorted([str(p)] for p in images)
@@ -99,9 +110,12 @@ def check_results(folder: Path, job_id: str, images: list[Path], missing: Path) 
     assert [(e["row"], e["error"]["code"]) for e in errors] == [
         ({"image": [str(missing)]}, "image_not_found")
     ]
-    # A second pass over the same files finds nothing more: one line per task.
-    time.sleep(0.5)
-    assert len(read_jsonl(folder / f"{job_id}.jsonl")) == len(images)
+    # One line per task: a marker task queued after the example's lands next, with nothing else.
+    marker = missing.with_name("marker-missing.jpg")
+    send_marker(redis_url, job_id, marker)
+    out, errors = wait_for_lines(folder, job_id, len(images) + 2)
+    assert len(out) == len(images)
+    assert [e["row"]["image"] for e in errors] == [[str(missing)], [str(marker)]]
 
 
 def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, tmp_path: Path):
@@ -124,7 +138,7 @@ def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media:
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "plain-job"
-        check_results(tmp_path, "plain-job", images, missing)
+        check_results(fake_cluster.redis_url, tmp_path, "plain-job", images, missing)
 
 
 def _node_modules() -> Path:
@@ -173,4 +187,4 @@ def test_node_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, t
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "node-job"
-        check_results(tmp_path, "node-job", images, missing)
+        check_results(fake_cluster.redis_url, tmp_path, "node-job", images, missing)
