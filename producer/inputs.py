@@ -118,7 +118,7 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise InputError("reading Parquet needs pyarrow: pip install 'imageqa[service]'") from e
+        raise InputError("reading Parquet needs pyarrow: pip install 'imageqa[producer]'") from e
     index = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
         for row in batch.to_pylist():

@@ -56,18 +56,41 @@ def read_jsonl(path: Path) -> list[Any]:
 
 
 class CollectorThread:
+    """A collector in a thread for the length of a ``with`` block. A collector that dies fails the
+    test: `check` raises as soon as it has, and leaving the block does too."""
+
     def __init__(self, redis_url: str, **settings: Any) -> None:
         self.collector = Collector(CollectorSettings(redis_url=redis_url, block_ms=100, **settings))
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.collector.run, args=(self.stop,), daemon=True)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.collector.run(self.stop)
+        except BaseException as e:
+            self.error = e
+
+    def check(self) -> None:
+        """Raises if the collector thread has died."""
+        if self.error is not None:
+            raise AssertionError(f"the collector thread died: {self.error!r}") from self.error
+        if not self.stop.is_set() and self.thread.ident is not None and not self.thread.is_alive():
+            raise AssertionError("the collector thread returned before it was stopped")
 
     def __enter__(self) -> CollectorThread:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.stop.set()
         self.thread.join(10)
+        if self.error is not None and exc is not None:
+            # The block most likely failed because the collector died: report both.
+            raise AssertionError(f"the collector thread died: {self.error!r}; then {exc!r}") from self.error
+        self.check()
+        if exc is None and self.thread.is_alive():
+            raise AssertionError("the collector thread did not stop within 10 s")
 
 
 def wait_done(redis_url: str, job_id: str, timeout_s: float = 120.0, **wait: Any) -> JobStatus:

@@ -1,16 +1,18 @@
 """The collector keeps the results stream short (what every group has acknowledged is dropped) and
-finishes a job whose last batch a killed collector wrote."""
+finishes a job whose last batch a killed collector wrote; the tests' collector thread reports a crash."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from producer import constants as k
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.jobs import JobRecord, job_status
 from producer.results import publish
-from tests.helpers import read_jsonl
+from tests.helpers import CollectorThread, read_jsonl
 from workers.collector import Collector
 from workers.settings import CollectorSettings
 
@@ -100,3 +102,21 @@ def test_a_job_whose_last_batch_was_written_before_a_crash_is_finished_on_restar
     status = job_status(r, "job")
     assert status is not None and status.finished and status.state == "done"
     assert len(read_jsonl(out)) == 10
+
+
+def test_a_collector_thread_that_dies_fails_the_test(redis_url: str, monkeypatch):
+    # The cluster tests run their collector in `CollectorThread`: its crash must not pass unnoticed.
+    def crash(self: Collector, **kwargs: object) -> int:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Collector, "step", crash)
+    died = r"the collector thread died: RuntimeError\('disk on fire'\)"
+
+    running = CollectorThread(redis_url)
+    running.thread.start()
+    running.thread.join(10)
+    with pytest.raises(AssertionError, match=died):
+        running.check()
+
+    with pytest.raises(AssertionError, match=f"{died}$"), CollectorThread(redis_url) as thread:
+        thread.thread.join(10)

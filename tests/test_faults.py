@@ -363,5 +363,6 @@ def test_a_dead_engine_exits_the_worker_and_its_tasks_are_redelivered(
         try:
             wait_done_resending(fault_redis, job_id, source, output, timeout_s=300)
         finally:
-            assert second.stop(120) == 0
+            stopped = second.stop(120)
+    assert stopped == 0, second.log()[-3000:]
     assert_exactly_once(output, 12)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from celery import Celery
 
 from producer.constants import TASK_GENERATE
 from producer.contract import GenerationParams
@@ -135,9 +136,14 @@ def test_flower_sees_the_worker_and_its_finished_tasks(
         f"flower does not list {worker_name}",
     )
     assert TASK_GENERATE in workers[worker_name]["registered"]
-    # Workers send task events only while a monitor asks for them: Flower does, every few seconds.
+    # Workers send task events only while a monitor asks for them: Flower does, every few seconds. An
+    # earlier Flower may have switched them on already: switch them off, so that only this one can
+    # switch them back on (the worker logs it once per switch).
+    log_start = len(fake_cluster.worker.log())
+    with Celery(broker=fake_cluster.redis_url) as control:
+        control.control.disable_events()
     wait_until(
-        lambda: "Events of group {task} enabled by remote" in fake_cluster.worker.log(),
+        lambda: "Events of group {task} enabled by remote" in fake_cluster.worker.log()[log_start:],
         30,
         "flower did not switch on the worker's task events",
     )

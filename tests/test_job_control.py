@@ -41,7 +41,9 @@ def test_cancel_skips_the_rest_and_every_row_is_still_accounted_for(media, tmp_p
         "IMAGEQA_REDIS_URL": URL,
         "IMAGEQA_MEDIA_ROOTS": str(media),
         "IMAGEQA_ENGINE": "fake",
-        "IMAGEQA_FAKE_DELAY_S": "0.4",
+        # Slow enough that at least half the rows are still queued when `imageqa cancel`, which
+        # takes seconds to start on a busy machine, gets there.
+        "IMAGEQA_FAKE_DELAY_S": "1.5",
         "IMAGEQA_CONCURRENCY": "2",
     }
     worker = WorkerProcess(env, tmp_path / "w.log").start(60)
@@ -51,7 +53,9 @@ def test_cancel_skips_the_rest_and_every_row_is_still_accounted_for(media, tmp_p
             job_id = enqueue_file(
                 source, output, settings=ProducerSettings(redis_url=URL), params=PARAMS
             ).job_id
+            deadline = time.monotonic() + 60
             while len(read_jsonl(output)) < 2:
+                assert time.monotonic() < deadline, "no two rows written within 60 s"
                 time.sleep(0.05)
             assert cli("cancel", job_id).returncode == 0
             st = wait_done(URL, job_id, timeout_s=60)

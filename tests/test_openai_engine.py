@@ -343,9 +343,10 @@ def test_a_worker_with_engine_openai_serves_the_cluster(fake_api, tmp_path):
             )
             status = wait_done(redis_url, summary.job_id, timeout_s=120)
     finally:
-        assert worker.stop(60) == 0, worker.log()[-3000:]
+        stopped = worker.stop(60)
         client.flushdb()
         client.close()
+    assert stopped == 0, worker.log()[-3000:]
     assert (status.written, status.failed) == (4, 0)
     assert sorted(r["n"] for r in read_jsonl(tmp_path / "out.jsonl")) == [0, 1, 2, 3]
     assert all(r["qa_pairs"] == PAIRS for r in read_jsonl(tmp_path / "out.jsonl"))

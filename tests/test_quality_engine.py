@@ -4,8 +4,10 @@ and the per-reason rejection counts in a job's status (fake and real engine clus
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from producer.settings import ProducerSettings
 from tests.conftest import Cluster
 from tests.helpers import EXAMPLES, CollectorThread, make_images, read_jsonl, wait_done, write_jsonl
 from workers.engines.base import Engine, EngineRequest
+from workers.parsing import parse_qa_output
 from workers.prompts import qa_schema
 
 # Short strings keep the random-weight model's answers well inside max_tokens.
@@ -26,13 +29,14 @@ PHOTOS = sorted(EXAMPLES.glob("*.jpg"))
 
 
 class Recording(Engine):
-    """Wraps an engine: records every request and may rewrite the generated text."""
+    """Wraps an engine: records every request and its output, and may rewrite the generated text."""
 
     name = "recording"
 
     def __init__(self, inner: Engine) -> None:
         self.inner = inner
         self.requests: list[EngineRequest] = []
+        self.outputs: dict[str, str] = {}  # by request id, as returned (after any edit)
         self.edit: Callable[[EngineRequest, str, int], str] | None = None
 
     async def start(self) -> None:
@@ -41,15 +45,20 @@ class Recording(Engine):
     async def generate(self, request: EngineRequest) -> str:
         self.requests.append(request)
         text = await self.inner.generate(request)
-        return self.edit(request, text, len(self.requests)) if self.edit else text
+        text = self.edit(request, text, len(self.requests)) if self.edit else text
+        self.outputs[request.request_id] = text
+        return text
 
     async def shutdown(self) -> None:
         await self.inner.shutdown()
 
     def generation_requests(self) -> list[EngineRequest]:
-        return [
-            r for r in self.requests if r.json_schema is None or "qa_pairs" in r.json_schema["properties"]
-        ]
+        return [r for r in self.requests if is_generation(r)]
+
+
+def is_generation(request: EngineRequest) -> bool:
+    """A request for pairs (not a verification question)."""
+    return request.json_schema is None or "qa_pairs" in request.json_schema["properties"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +88,7 @@ def generate(real_engine) -> Iterator[tuple[Recording, Callable[..., ResultRecor
 
     engine, runtime, settings = real_engine
     engine.requests.clear()
+    engine.outputs.clear()
 
     def run(photo: Path, **params: object) -> ResultRecord:
         message = TaskMessage(
@@ -146,8 +156,11 @@ def test_a_text_prompt_on_the_random_model_is_asked_again_then_fails_with_reason
     requests = engine.generation_requests()
     assert len(requests) == 2 and requests[0].request_id != requests[1].request_id
     assert all(r.json_schema is None and "Question: <question>" in r.prompt for r in requests)
-    # a try without a valid pair was unparseable or had its pairs rejected
-    assert sum(record.qa_stats.rejected.values()) >= (2 if valid == 0 else 0)
+    # Every pair the model wrote was kept or rejected with a reason, and a try without any counts
+    # once (unparseable): nothing the model wrote is missing from the counts.
+    written = [parse_qa_output(engine.outputs[r.request_id]) for r in requests]
+    rejected = sum(record.qa_stats.rejected.values())
+    assert valid + rejected == sum(max(1, len(w.pairs) + w.malformed) for w in written)
     for reason, count in record.qa_stats.rejected.items():
         assert f"{reason} {count}" in record.error.message
 
@@ -155,21 +168,39 @@ def test_a_text_prompt_on_the_random_model_is_asked_again_then_fails_with_reason
 @pytest.mark.engine
 def test_verification_with_the_real_engine_asks_each_question_without_its_answer(generate):
     engine, run = generate
-    record = run(PHOTOS[2], verify=True, generation_tries=1)
+    # Given three known pairs in place of what the random model wrote, and the real engine's
+    # verification answers replaced: the first question is answered differently, the others alike
+    pairs = [
+        ("What colour is the roof?", "Bright red."),
+        ("How many windows are there?", "Four."),
+        ("Where is the door?", "On the left."),
+    ]
+    real_answers: list[object] = []
 
+    def script(request: EngineRequest, text: str, call: int) -> str:
+        if is_generation(request):
+            return orjson.dumps({"qa_pairs": [{"question": q, "answer": a} for q, a in pairs]}).decode()
+        real_answers.append(orjson.loads(text)["answer"])
+        question, answer = next((q, a) for q, a in pairs if q in request.prompt)
+        return orjson.dumps({"answer": "Nothing." if question == pairs[0][0] else answer}).decode()
+
+    engine.edit = script
+    record = run(PHOTOS[2], verify=True, generation_tries=1, min_pairs=2)
+
+    # Then each question was asked once, alone, greedily and in the answer schema, which the real
+    # engine kept to,
     (generation,) = engine.generation_requests()
     checks = [r for r in engine.requests if r is not generation]
-    stats = record.qa_stats
-    assert stats.verified == len(checks) >= 3
-    assert 0 <= stats.agreed <= stats.verified
+    assert sorted([q for q, _ in pairs if q in r.prompt] for r in checks) == sorted([q] for q, _ in pairs)
+    assert not [a for r in checks for _, a in pairs if a in r.prompt]
     assert all(set(r.json_schema["properties"]) == {"answer"} for r in checks)
     assert all(r.sampling.temperature == 0.0 for r in checks)
-    if record.ok:
-        assert len(record.qa_pairs) == stats.agreed
-    else:  # random weights rarely agree with themselves
-        assert record.error.code == "qa_invalid"
-        assert stats.rejected["unverified"] == stats.verified - stats.agreed
-        assert "unverified" in record.error.message
+    assert len(real_answers) == 3 and all(isinstance(a, str) for a in real_answers)
+    # and the pair whose answers disagree was dropped, the others kept.
+    assert record.ok, record.error
+    assert [(p.question, p.answer) for p in record.qa_pairs] == pairs[1:]
+    assert (record.qa_stats.verified, record.qa_stats.agreed) == (3, 2)
+    assert record.qa_stats.rejected == {"unverified": 1}
 
 
 # --- the counts in a job's status -------------------------------------------------------------------
@@ -207,7 +238,7 @@ def test_status_counts_rejected_pairs_by_reason(fake_cluster, media, tmp_path):
     assert report["rejected"] == {"question_too_short": 8}
     assert report["qa"] == {"pairs": 4, "tries": 4}
     assert report["agreement_rate"] is None
-    assert all(len(row["qa_pairs"]) == 1 for row in read_jsonl(tmp_path / "out.jsonl"))
+    assert [len(row["qa_pairs"]) for row in read_jsonl(tmp_path / "out.jsonl")] == [1, 1, 1, 1]
 
 
 def test_status_shows_failed_rows_with_their_rejections_and_the_agreement_rate(fake_cluster, media, tmp_path):
@@ -220,6 +251,7 @@ def test_status_shows_failed_rows_with_their_rejections_and_the_agreement_rate(f
     assert report["rejected"] == {"question_too_short": 8, "duplicate_question": 2}
     assert report["qa"] == {"tries": 4}
     errors = read_jsonl(tmp_path / "short.errors.jsonl")
+    assert len(errors) == 2
     assert all("question_too_short 4" in e["error"]["message"] for e in errors)
 
     verified = enqueue_and_wait(
@@ -253,5 +285,9 @@ def test_rejections_reach_the_job_status_from_the_real_engine_worker(engine_clus
     assert report["qa"]["tries"] == 6
     errors = read_jsonl(tmp_path / "out.errors.jsonl")
     assert sorted(e["row"]["image"] for e in errors) == sorted(photos)
-    without_pairs = sum(e["error"]["message"].startswith("0 valid pairs") for e in errors)
-    assert sum(report["rejected"].values()) >= 2 * without_pairs
+    # The status adds up exactly the rejections each error line lists.
+    listed: Counter[str] = Counter()
+    for e in errors:
+        counted = e["error"]["message"].split("(rejected: ", 1)[1]
+        listed.update({reason: int(n) for reason, n in re.findall(r"(\w+) (\d+)", counted)})
+    assert report["rejected"] == dict(listed)

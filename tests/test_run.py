@@ -86,7 +86,8 @@ def test_separate_processes_and_run_produce_the_same_rows(fake_cluster, media, t
         wait_done(fake_cluster.redis_url, enqueue.stdout.strip())
     finally:
         collector.terminate()
-        assert collector.wait(30) == 0
+        collector_code = collector.wait(30)
+    assert collector_code == 0
     done = imageqa_run([str(source), "-o", str(tmp_path / "run.jsonl"), "--engine", "fake", *SHORT], tmp_path)
     assert done.returncode == 0, done.stderr
 

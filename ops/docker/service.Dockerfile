@@ -16,7 +16,7 @@ WORKDIR /opt/imageqa
 
 # Dependencies first, from pyproject.toml and the tested pins alone, so that a code change reuses
 # this layer: empty packages stand in for the source until the next step.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY ops/docker/constraints.txt ./constraints.txt
 RUN mkdir producer workers \
     && touch producer/__init__.py workers/__init__.py \

@@ -29,7 +29,7 @@ WORKDIR /opt/imageqa
 # Every package the base image has is pinned to its installed version (the CUDA/torch/vLLM stack must
 # not move); the tested pins cover the rest. Empty packages stand in for the source until the next
 # step, so that a code change reuses this layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY ops/docker/constraints.txt ./constraints.txt
 RUN mkdir producer workers \
     && touch producer/__init__.py workers/__init__.py \
