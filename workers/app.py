@@ -15,6 +15,7 @@ import redis
 from celery import signals
 
 from producer.broker import celery_app, redis_client
+from workers.delivery import DeliveryRefresh
 from workers.runtime import EngineRuntime
 from workers.settings import WorkerSettings
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 settings = WorkerSettings()
 app = celery_app(
-    settings.redis_url,
+    settings.broker_url,
     settings.visibility_timeout_s,
     name="imageqa-worker",
     restore_interval_s=settings.restore_interval_s,
@@ -34,6 +35,8 @@ app.conf.update(
     # Task events cost a Redis publish per task state; Flower switches them on while it watches.
     worker_send_task_events=settings.task_events,
 )
+
+app.steps["consumer"].add(DeliveryRefresh)
 
 _state: dict[str, Any] = {}
 

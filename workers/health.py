@@ -32,7 +32,7 @@ def check_worker(settings: RedisSettings, timeout_s: float = 5.0, hostname: str 
     the container's, so this checks exactly the worker of that container.
     """
     host = hostname or socket.gethostname()
-    app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-health")
+    app = celery_app(settings.broker_url, settings.visibility_timeout_s, name="imageqa-health")
     try:
         replies = app.control.ping(timeout=timeout_s, pattern=f"*@{host}", matcher="glob", limit=1)
     except (OSError, redis.RedisError) as e:
