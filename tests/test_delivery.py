@@ -9,7 +9,9 @@ one; they are skipped, saying why, when no RabbitMQ answers.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,16 +24,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from kombu import Connection
 
 from producer import constants as k
 from producer.broker import celery_app, celery_config, queue_depth, redis_client
 from producer.enqueue import enqueue_file
 from producer.jobs import nothing_in_flight
-from producer.settings import DEFAULT_VISIBILITY_TIMEOUT_S, ProducerSettings
+from producer.settings import DEFAULT_VISIBILITY_TIMEOUT_S, ProducerSettings, RedisSettings
 from tests.helpers import CollectorThread, WorkerProcess, make_images, wait_done, write_jsonl
 from tests.test_faults import PARAMS, assert_exactly_once, lines_written, wait_for
 from workers.delivery import REFRESHES_PER_TIMEOUT, DeliveryRefresher, refresh_interval_s
+from workers.health import check_worker
 
 REDIS_URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/12"
 AMQP_BASE = os.environ.get("IMAGEQA_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
@@ -249,6 +253,8 @@ def test_a_job_runs_end_to_end_on_rabbitmq(amqp_url, workers, media, tmp_path):
     start_worker(workers, tmp_path, media, broker, "w", IMAGEQA_CONCURRENCY="8")
     with CollectorThread(REDIS_URL):
         status = wait_done(REDIS_URL, summary.job_id, timeout_s=60)
+    health = check_worker(RedisSettings(redis_url=REDIS_URL, broker_url=amqp_url), timeout_s=10)
+    assert health.ok, health.detail  # the container health check pings through RabbitMQ
     assert status.written == 40
     assert_exactly_once(output, 40)
     assert queue_depth(amqp_url).waiting == 0
@@ -311,3 +317,26 @@ def test_a_worker_killed_mid_sweep_holds_the_sweep_lock_briefly():
             20,
             DEFAULT_VISIBILITY_TIMEOUT_S,
         )
+
+
+def test_a_late_or_failed_refresh_is_logged_and_retried(caplog, monkeypatch):
+    refresher = DeliveryRefresher(redis_client(REDIS_URL), "unacked_index", visibility_timeout_s=0.3)
+    calls: list[float] = []
+
+    def refresh() -> int:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(0.25)  # held up (a busy GIL, a slow Redis): past 1.5 intervals since the start
+        if len(calls) == 2:
+            raise redis.ConnectionError("Redis went away")
+        return 0
+
+    monkeypatch.setattr(refresher, "refresh", refresh)
+    with caplog.at_level(logging.WARNING, logger="workers.delivery"):
+        refresher.start()
+        wait_for(lambda: len(calls) >= 4, 10, "refreshes after the failure")
+        refresher.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    late = re.compile(r"refreshed 0\.[3-9] s after the previous time instead of 0\.1 s; past 0\.3 s")
+    assert any(late.search(m) for m in messages), messages
+    assert "could not refresh in-flight deliveries (Redis went away); retrying in 0.1 s" in messages

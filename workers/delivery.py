@@ -129,8 +129,12 @@ class DeliveryRefresher:
             try:
                 held = self.refresh()
             except redis.RedisError as e:
-                log.warning("could not refresh in-flight deliveries (%s); retrying in 1 s", e)
                 wait_s = min(1.0, self.interval_s)
+                log.warning("could not refresh in-flight deliveries (%s); retrying in %g s", e, wait_s)
+                continue
+            except Exception:  # the thread must outlive a bug: its death would hand every task away
+                wait_s = min(1.0, self.interval_s)
+                log.exception("refreshing in-flight deliveries failed; retrying in %g s", wait_s)
                 continue
             done = time.monotonic()
             since_s = done - last_ok
@@ -174,8 +178,14 @@ class DeliveryRefresh(bootsteps.StartStopStep):
             return
         channel = parent.task_consumer.channel
         if self.refresher is None:
+            interval_s = refresh_interval_s(float(channel.visibility_timeout))
+            client = redis_client(url)
+            # A Redis that stops answering must not hang the thread past the next refresh.
+            client.connection_pool.connection_kwargs.update(
+                socket_timeout=interval_s, socket_connect_timeout=interval_s
+            )
             self.refresher = DeliveryRefresher(
-                redis_client(url),
+                client,
                 # The transport prefixes its keys itself; this client does not.
                 channel.global_keyprefix + channel.unacked_index_key,
                 float(channel.visibility_timeout),

@@ -1,8 +1,9 @@
 """Health checks for process supervisors (Docker, systemd): is this host's worker answering, is the
 collector still reading the results stream?
 
-Both ask Redis, the way the rest of the cluster sees the process, rather than only checking that a PID
-exists: a worker stuck before its consumer starts, or a collector whose loop has stopped, is unhealthy.
+Both ask the cluster (the worker: a ping through the broker, Redis or RabbitMQ; the collector: Redis),
+the way the rest of it sees the process, rather than only checking that a PID exists: a worker stuck
+before its consumer starts, or a collector whose loop has stopped, is unhealthy.
 """
 
 from __future__ import annotations
