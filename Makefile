@@ -23,10 +23,12 @@ demo: model
 
 test: setup
 	@bash ops/ensure_redis.sh
+	@bash ops/ensure_rabbitmq.sh
 	$(PY) -m pytest
 
 test-fast: setup
 	@bash ops/ensure_redis.sh
+	@bash ops/ensure_rabbitmq.sh
 	$(PY) -m pytest -m "not engine"
 
 lint: setup

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from kombu import Exchange, Queue
 
 from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.errors import BrokerUnavailable
+from producer.settings import DEFAULT_VISIBILITY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,9 @@ RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 """Redis errors that pass once Redis is back (a restart, a dropped connection, a load from disk)."""
 
 T = TypeVar("T")
+
+KOMBU_UNACKED_KEY = "unacked"
+"""Kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -88,17 +95,28 @@ def redact(url: str) -> str:
     return url
 
 
-def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s: int = 10) -> dict[str, Any]:
-    """Celery settings both sides must agree on: JSON only, late acks, one prefetch, redelivery."""
+def celery_config(broker_url: str, visibility_timeout_s: int, restore_interval_s: int = 10) -> dict[str, Any]:
+    """Celery settings both sides must agree on: JSON only, late acks, one prefetch, redelivery.
+
+    ``broker_url`` is a Redis URL or ``amqp://`` (RabbitMQ); the transport options of the other
+    transport are ignored by each, so one configuration serves both.
+    """
     config: dict[str, Any] = {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
+            # Redis: a delivery left unacknowledged this long goes back to the queue. Live workers
+            # keep theirs fresh (workers.delivery), so this is how long a dead worker's tasks wait.
             "visibility_timeout": visibility_timeout_s,
             # Sweep for messages whose worker died (unacked past the visibility timeout) this often.
             "unacked_restore_interval": restore_interval_s,
             "unacked_restore_throttle": 1,
+            # The sweep holds a lock; a worker killed mid-sweep would hold it for Kombu's default
+            # 300 s and stop every other worker's sweep. A sweep takes milliseconds.
+            "unacked_mutex_expire": 2 * restore_interval_s,
             "socket_keepalive": True,
+            # RabbitMQ: a publish returns once the broker has taken the message (publisher confirms).
+            "confirm_publish": True,
         },
         "task_serializer": "json",
         "result_serializer": "json",
@@ -110,11 +128,16 @@ def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Durable queue, persistent messages (RabbitMQ keeps both across a broker restart).
+        "task_queues": [
+            Queue(QUEUE_GENERATE, Exchange(QUEUE_GENERATE), routing_key=QUEUE_GENERATE, durable=True)
+        ],
+        "task_default_delivery_mode": "persistent",
         "task_default_queue": QUEUE_GENERATE,
         "task_routes": {TASK_GENERATE: {"queue": QUEUE_GENERATE}},
         "worker_hijack_root_logger": False,
     }
-    if urlsplit(redis_url).scheme == "rediss":
+    if urlsplit(broker_url).scheme == "rediss":
         # Kombu connects to a rediss:// URL without ssl_* parameters unverified, where redis-py verifies
         # the certificate: make the Celery side verify too. ``ssl_*`` parameters of the URL (a CA file,
         # say) replace these options.
@@ -123,11 +146,56 @@ def celery_config(redis_url: str, visibility_timeout_s: int, restore_interval_s:
 
 
 def celery_app(
-    redis_url: str, visibility_timeout_s: int, name: str = "imageqa", restore_interval_s: int = 10
+    broker_url: str, visibility_timeout_s: int, name: str = "imageqa", restore_interval_s: int = 10
 ) -> Celery:
     app = Celery(name)
-    app.conf.update(celery_config(redis_url, visibility_timeout_s, restore_interval_s))
+    app.conf.update(celery_config(broker_url, visibility_timeout_s, restore_interval_s))
     return app
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    waiting: int
+    """Tasks in the queue that no worker has taken yet."""
+    unacked: int | None
+    """Tasks taken by workers and not yet acknowledged (running or prefetched), over every queue of
+    the broker; None where the broker does not tell: RabbitMQ reports it only through its management
+    API, which imageqa does not use."""
+
+
+def queue_depth(broker: Celery | str | redis.Redis, queue: str = QUEUE_GENERATE) -> QueueDepth:
+    """How many tasks wait in ``queue`` and how many are taken, on a Redis or RabbitMQ broker.
+
+    ``broker`` is a Celery app (its connection pool is used), a broker URL, or a Redis client of the
+    broker's database. RabbitMQ answers a passive ``queue.declare`` with the ready messages; Redis is
+    asked for the list's length and the size of Kombu's hash of unacknowledged deliveries.
+    """
+    if isinstance(broker, redis.Redis):
+        return _redis_depth(broker, queue, KOMBU_UNACKED_KEY)
+    app = broker if isinstance(broker, Celery) else _depth_app(broker)
+    with app.pool.acquire(block=True) as conn:
+        if conn.transport.driver_type == "redis":
+            channel = conn.default_channel
+            return _redis_depth(channel.client, queue, channel.unacked_key)
+        # A passive declare of a missing queue closes the channel: use one of its own.
+        with conn.channel() as channel:
+            try:
+                return QueueDepth(int(channel.queue_declare(queue=queue, passive=True).message_count), None)
+            except conn.channel_errors:  # NOT_FOUND: no worker or producer declared it yet
+                return QueueDepth(0, None)
+
+
+def _redis_depth(client: redis.Redis, queue: str, unacked_key: str) -> QueueDepth:
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(queue)
+    pipe.hlen(unacked_key)
+    waiting, unacked = pipe.execute()
+    return QueueDepth(int(waiting), int(unacked))
+
+
+@functools.lru_cache(maxsize=8)
+def _depth_app(broker_url: str) -> Celery:
+    return celery_app(broker_url, DEFAULT_VISIBILITY_TIMEOUT_S, name="imageqa-depth")
 
 
 def task_sender(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:

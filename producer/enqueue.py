@@ -13,9 +13,10 @@ from itertools import islice
 from pathlib import Path
 
 import redis
+from celery import Celery
 
 from producer import constants as k
-from producer.broker import celery_app, check_redis, redis_client, task_sender
+from producer.broker import celery_app, check_redis, queue_depth, redis_client, task_sender
 from producer.contract import (
     MAX_ROW_BYTES,
     ErrorInfo,
@@ -92,7 +93,7 @@ def enqueue_file(
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
     )
-    app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
+    app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-producer")
     ids = RedisItemIds(params.fingerprint(), r, job.pass_scratch_key())
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
     try:
@@ -131,10 +132,11 @@ def enqueue_file(
                         )
                         counts["enqueued"] += 1
                 job.count_enqueued(pipe, sum(1 for d in done_flags if not d))
-                pipe.llen(k.QUEUE_GENERATE)
-                queued = pipe.execute()[-1]
-                if settings.max_queued and queued > settings.max_queued:
-                    _wait_for_room(r, settings.max_queued, queued)
+                pipe.execute()
+                if settings.max_queued:
+                    queued = queue_depth(app).waiting
+                    if queued > settings.max_queued:
+                        _wait_for_room(app, settings.max_queued, queued)
                 if on_progress:
                     on_progress(counts["rows"])
         # Only a complete pass closes the job: after a failure the rerun must be able to finish it.
@@ -148,7 +150,7 @@ def enqueue_file(
     return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
 
 
-def _wait_for_room(r: redis.Redis, limit: int, queued: int, poll_s: float = 0.5) -> None:
+def _wait_for_room(app: Celery, limit: int, queued: int, poll_s: float = 0.5) -> None:
     """Backpressure: waits until the workers have taken the queue down to 90% of ``limit``, so Redis
     holds a bounded number of tasks however long the input is."""
     log.warning(
@@ -156,7 +158,7 @@ def _wait_for_room(r: redis.Redis, limit: int, queued: int, poll_s: float = 0.5)
         queued,
         limit,
     )
-    while int(r.llen(k.QUEUE_GENERATE)) > limit * 0.9:
+    while queue_depth(app).waiting > limit * 0.9:
         time.sleep(poll_s)
 
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import orjson
 import redis
+from celery import Celery
 from redis.typing import EncodableT, FieldT
 
 from producer import constants as k
+from producer.broker import queue_depth
 from producer.contract import ResultRecord
 
 
@@ -392,25 +394,20 @@ def write_markers(r: redis.Redis) -> Iterator[tuple[JobRecord, dict[str, str]]]:
             yield JobRecord(r, job_id), {a.decode(): b.decode() for a, b in raw.items()}
 
 
-KOMBU_UNACKED_KEY = "unacked"
-"""Kombu's Redis transport keeps delivered, unacknowledged messages in this hash."""
-
-
-def nothing_in_flight(r: redis.Redis) -> bool:
+def nothing_in_flight(r: redis.Redis, broker: Celery | str | None = None) -> bool:
     """True when no task is queued or running and no result waits for the collector.
 
-    A job that is not finished while this holds has lost tasks in transit: Kombu's Redis transport
-    pops a message before it records it as unacknowledged, so a worker killed in that instant takes
-    the message with it. Enqueueing the same input again sends exactly the missing rows.
+    ``broker`` is the Celery app or broker URL of the tasks (default: the Redis of ``r``). A job that
+    is not finished while this holds has lost tasks in transit: Kombu's Redis transport pops a message
+    before it records it as unacknowledged, so a worker killed in that instant takes the message with
+    it. Enqueueing the same input again sends exactly the missing rows. RabbitMQ does not say how many
+    tasks are taken (see `producer.broker.QueueDepth`), so on it this is never true; it loses no task
+    that way either.
     """
-    pipe = r.pipeline(transaction=False)
-    pipe.llen(k.QUEUE_GENERATE)
-    pipe.hlen(KOMBU_UNACKED_KEY)
-    pipe.exists(k.RESULTS_STREAM)
-    queued, unacked, has_stream = pipe.execute()
-    if queued or unacked:
+    depth = queue_depth(broker or r)
+    if depth.waiting or depth.unacked is None or depth.unacked:
         return False
-    if not has_stream:
+    if not r.exists(k.RESULTS_STREAM):
         return True
     try:
         groups: Any = r.xinfo_groups(k.RESULTS_STREAM)

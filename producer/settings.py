@@ -5,16 +5,26 @@ from __future__ import annotations
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_VISIBILITY_TIMEOUT_S = 3600
-"""Seconds before Redis redelivers an unacknowledged task; longer than the longest task."""
+DEFAULT_VISIBILITY_TIMEOUT_S = 30
+"""Seconds before a Redis broker hands an unacknowledged task to another worker. A live worker
+re-marks the tasks it holds every third of this (`workers.delivery`), so it bounds how long a dead
+worker's tasks wait, not how long a task may run."""
 
 
 class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEQA_", extra="ignore")
 
     redis_url: str = DEFAULT_REDIS_URL
-    """Broker, job registry and results stream (``redis://``, ``rediss://`` or ``redis+socket://``)."""
+    """Job registry and results stream (``redis://``, ``rediss://`` or ``redis+socket://``)."""
+    broker_url: str = ""
+    """Where the tasks queue: ``amqp://`` (RabbitMQ) or a Redis URL; empty: ``redis_url``."""
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
+
+    @property
+    def broker(self) -> str:
+        """The broker URL in force: ``broker_url``, else ``redis_url`` (also after a copy that changes
+        only ``redis_url``)."""
+        return self.broker_url or self.redis_url
 
 
 class ProducerSettings(RedisSettings):

@@ -38,7 +38,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKER = ROOT / "ops" / "docker"
 ENTRYPOINT = DOCKER / "worker-entrypoint.sh"
 PROMETHEUS = ROOT / "ops" / "prometheus" / "prometheus.yml"
-SERVICES = {"redis", "worker", "collector", "flower", "prometheus"}
+SERVICES = {"redis", "worker", "collector", "flower", "prometheus", "rabbitmq"}
+PROFILES = {"prometheus": ["monitoring"], "rabbitmq": ["rabbitmq"]}
 LOOPBACK = "127.0.0.1"
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ escapes a dollar.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
@@ -98,13 +99,12 @@ def test_compose_has_the_services_each_with_a_health_check_restart_policy_and_lo
         assert service["logging"]["options"]["max-size"], name
 
 
-def test_prometheus_is_an_optional_profile_and_the_rest_start_by_default(services):
-    assert services["prometheus"]["profiles"] == ["monitoring"]
-    assert all("profiles" not in s for name, s in services.items() if name != "prometheus")
+def test_prometheus_and_rabbitmq_are_optional_profiles_and_the_rest_start_by_default(services):
+    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == PROFILES
 
 
 def test_external_images_are_pinned_to_exact_versions(services):
-    for name in ("redis", "prometheus"):
+    for name in ("redis", "prometheus", "rabbitmq"):
         image = services[name]["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+[\w.-]*", image), f"{name}: {image} is not pinned"
     for name in ("worker", "collector", "flower"):
@@ -123,13 +123,37 @@ def test_redis_persists_with_a_required_password_and_never_evicts(services):
 
 
 def test_every_service_reaches_redis_with_the_password(services):
-    urls = [
-        env_of(services["worker"])["IMAGEQA_REDIS_URL"],
-        env_of(services["collector"])["IMAGEQA_REDIS_URL"],
+    redis_url = r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@\$\{REDIS_HOST:-redis\}:6379/0"
+    for name in ("worker", "collector"):
+        assert re.fullmatch(redis_url, env_of(services[name])["IMAGEQA_REDIS_URL"]), name
+    # The broker: BROKER_URL (RabbitMQ) if set, else the same Redis; Flower watches the broker.
+    brokers = [
+        env_of(services["worker"])["IMAGEQA_BROKER_URL"],
+        env_of(services["collector"])["IMAGEQA_BROKER_URL"],
         env_of(services["flower"])["CELERY_BROKER_URL"],
     ]
-    for url in urls:
-        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?[^}]+\}@\$\{REDIS_HOST:-redis\}:6379/0", url), url
+    for url in brokers:
+        assert re.fullmatch(r"\$\{BROKER_URL:-" + redis_url + r"\}", url), url
+
+
+def test_rabbitmq_has_a_password_from_env_durable_data_and_a_long_consumer_timeout(services):
+    rabbitmq = services["rabbitmq"]
+    env = env_of(rabbitmq)
+    assert env["RABBITMQ_DEFAULT_USER"] != "guest"
+    assert env["RABBITMQ_DEFAULT_PASS"] == "${RABBITMQ_PASSWORD:-}"
+    # Compose interpolates every service, profile or not: the check for a password is the service's own.
+    assert '[ -n "$$RABBITMQ_DEFAULT_PASS" ] || ' in rabbitmq["command"][-1]
+    assert rabbitmq["command"][-1].endswith("exec docker-entrypoint.sh rabbitmq-server")
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbitmq["volumes"])
+    conf_mount = next(v for v in rabbitmq["volumes"] if v.startswith("./ops/rabbitmq/"))
+    conf = dict(
+        line.split(" = ", 1)
+        for line in ROOT.joinpath(conf_mount.split(":")[0]).read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert int(conf["consumer_timeout"]) / 1000 > WorkerSettings().task_time_limit_s
+    example = env_example()
+    assert "RABBITMQ_PASSWORD" in example and example["RABBITMQ_PASSWORD"] is None  # optional, unset
 
 
 def test_worker_reserves_gpus_scales_and_stops_gracefully(services):
@@ -187,7 +211,7 @@ def test_published_ports_bind_to_loopback_only(services):
             assert spec.split(":")[0] == LOOPBACK, f"{name}: {port} is not on loopback"
             published[name] = port
     # Redis has its password; Flower its basic auth; Prometheus serves read-only metrics.
-    assert set(published) == {"redis", "flower", "prometheus"}
+    assert set(published) == {"redis", "flower", "prometheus", "rabbitmq"}
 
 
 def test_settings_in_the_compose_file_are_real_settings(services):
@@ -301,7 +325,9 @@ def filled_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_compose_config_renders_with_the_example_env(render, filled_env):
-    result = render(filled_env, "--profile", "monitoring", "config", "--format", "json")
+    result = render(
+        filled_env, "--profile", "monitoring", "--profile", "rabbitmq", "config", "--format", "json"
+    )
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     services = config["services"]
@@ -309,6 +335,9 @@ def test_compose_config_renders_with_the_example_env(render, filled_env):
     ports = [(name, p) for name, s in services.items() for p in s.get("ports", [])]
     assert ports and all(p["host_ip"] == LOOPBACK for _, p in ports), ports
     assert services["worker"]["environment"]["IMAGEQA_REDIS_URL"] == "redis://:0123456789abcdef@redis:6379/0"
+    # No BROKER_URL: the tasks queue on the same Redis.
+    assert services["worker"]["environment"]["IMAGEQA_BROKER_URL"] == "redis://:0123456789abcdef@redis:6379/0"
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == "redis://:0123456789abcdef@redis:6379/0"
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "admin:flower-password"
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1  # all
     assert services["worker"]["volumes"][0]["source"] == filled_env["MEDIA_DIR"]
@@ -323,6 +352,19 @@ def test_compose_refuses_to_start_without_a_required_value(render, filled_env, n
     result = render({**filled_env, name: ""}, "config", "--quiet")
     assert result.returncode != 0
     assert f"required variable {name} is missing a value" in result.stderr
+
+
+def test_compose_switches_the_broker_to_rabbitmq_with_broker_url(render, filled_env):
+    amqp = "amqp://imageqa:rabbit-password@rabbitmq:5672/imageqa"
+    env = {**filled_env, "RABBITMQ_PASSWORD": "rabbit-password", "BROKER_URL": amqp}
+    result = render(env, "--profile", "rabbitmq", "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name in ("worker", "collector"):
+        assert services[name]["environment"]["IMAGEQA_BROKER_URL"] == amqp
+        assert services[name]["environment"]["IMAGEQA_REDIS_URL"] == "redis://:0123456789abcdef@redis:6379/0"
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == amqp
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == "rabbit-password"
 
 
 def test_compose_reaches_redis_on_another_host_for_a_second_machine(render, filled_env):

@@ -15,6 +15,7 @@ import redis
 from celery import Celery, signals
 
 from producer.broker import celery_app, redis_client
+from workers.delivery import DeliveryRefresh
 from workers.runtime import EngineRuntime
 from workers.settings import WorkerSettings
 
@@ -32,7 +33,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     from workers import tasks
 
     app = celery_app(
-        settings.redis_url,
+        settings.broker,
         settings.visibility_timeout_s,
         name="imageqa-worker",
         restore_interval_s=settings.restore_interval_s,
@@ -43,6 +44,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         # Task events cost a Redis publish per task state; Flower switches them on while it watches.
         worker_send_task_events=settings.task_events,
     )
+    app.steps["consumer"].add(DeliveryRefresh)
     _state["settings"] = settings
     tasks.register(app)
     return app

@@ -28,7 +28,7 @@ import redis
 
 from producer import constants as k
 from producer import jobs
-from producer.broker import RETRYABLE, RedisBackoff, celery_app, redis_client, task_sender
+from producer.broker import RETRYABLE, RedisBackoff, celery_app, queue_depth, redis_client, task_sender
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.jobs import JobConfig, JobRecord
@@ -139,15 +139,15 @@ class Collector:
             return
         self._last_observe = time.monotonic()
         self.trim()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.xinfo_groups(k.RESULTS_STREAM)
-        pipe.llen(k.QUEUE_GENERATE)
-        groups, depth = pipe.execute()
+        groups: Any = self.r.xinfo_groups(k.RESULTS_STREAM)
         for group in groups:
             if group["name"] in (k.COLLECTOR_GROUP, k.COLLECTOR_GROUP.encode()):
                 metrics.COLLECTOR_LAG.set(group.get("lag") or 0)
                 metrics.COLLECTOR_PENDING.set(group.get("pending") or 0)
-        metrics.QUEUE_DEPTH.set(depth)
+        try:
+            metrics.QUEUE_DEPTH.set(queue_depth(self.settings.broker).waiting)
+        except Exception as e:  # a gauge is not worth the collector: RabbitMQ may be down, not Redis
+            log.warning("queue depth unknown: %s", e)
 
     def trim(self) -> int:
         """Drops the results every consumer group has read and acknowledged, so the stream holds what
@@ -215,7 +215,7 @@ class Collector:
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
         if self._celery is None:
             self._celery = celery_app(
-                self.settings.redis_url, self.settings.visibility_timeout_s, "imageqa-collector"
+                self.settings.broker, self.settings.visibility_timeout_s, "imageqa-collector"
             )
         task_sender(self._celery)(name, queue, kwargs)
 

@@ -1,8 +1,9 @@
 """Health checks for process supervisors (Docker, systemd): is this host's worker answering, is the
 collector still reading the results stream?
 
-Both ask Redis, the way the rest of the cluster sees the process, rather than only checking that a PID
-exists: a worker stuck before its consumer starts, or a collector whose loop has stopped, is unhealthy.
+Both ask the cluster (the worker: a ping through the broker, Redis or RabbitMQ; the collector: Redis),
+the way the rest of it sees the process, rather than only checking that a PID exists: a worker stuck
+before its consumer starts, or a collector whose loop has stopped, is unhealthy.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def check_worker(settings: RedisSettings, timeout_s: float = 5.0, hostname: str 
     the container's, so this checks exactly the worker of that container.
     """
     host = hostname or socket.gethostname()
-    app = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-health")
+    app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-health")
     try:
         replies = app.control.ping(timeout=timeout_s, pattern=f"*@{host}", matcher="glob", limit=1)
     except (OSError, redis.RedisError) as e:
