@@ -179,7 +179,7 @@ class ResultRecord(_Frozen):
     job_id: str
     item_id: str
     row_index: int
-    row: Any
+    row: Any = Field(default=None, description="The input row; left out of the error of a message too large.")
     qa_pairs: list[QAPair] | None = None
     error: ErrorInfo | None = None
     qa_stats: QAStats | None = None
