@@ -5,7 +5,8 @@ Reads the results stream with a consumer group and, per batch:
 1. drops item ids the job has already written (the job's done set);
 2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
 3. appends the lines and fsyncs;
-4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, acks.
+4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, records
+   a declared job size (``job_total``), quarantines entries it cannot decode, acks.
 
 A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
 the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
