@@ -3,6 +3,8 @@
 Needs only ``pip install 'celery[redis]'``: no imageqa code. Each image becomes one task
 ``imageqa.generate`` (JSON kwargs, see docs/enqueue.md); the collector writes the results to
 ``<IMAGEQA_OUTPUT_DIR>/<job id>.jsonl`` and failures to ``<job id>.errors.jsonl``, one line per image.
+Every message declares the job's size (``job_total``), so the job is marked done, and announced on
+the Redis channel ``imageqa:job:<job id>:events``, once every image has its line.
 
     python enqueue_plain_celery.py redis://:PASSWORD@HOST:6379/0 my-job /data/a.jpg /data/b.jpg
 
@@ -25,8 +27,9 @@ QUEUE = "imageqa.generate"
 URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
-def task_kwargs(job_id: str, index: int, image: str) -> dict:
-    """The kwargs of one task: a row with one image, default generation parameters."""
+def task_kwargs(job_id: str, index: int, image: str, total: int) -> dict:
+    """The kwargs of one task: a row with one image, default generation parameters, and the number of
+    tasks in the job."""
     ref = image if URI.match(image) else str(Path(image).absolute())
     row = {"image": [ref]}
     # Stable across resends of the same input, so a resent image is written once, not twice.
@@ -39,6 +42,7 @@ def task_kwargs(job_id: str, index: int, image: str) -> dict:
         "images": [ref],
         "row": row,
         "enqueued_at": time.time(),  # optional: lets the workers measure queue wait
+        "job_total": total,  # optional: the job is marked done once this many rows are written
     }
 
 
@@ -52,7 +56,7 @@ def main(argv: list[str]) -> int:
     app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
     with app.producer_or_acquire() as producer:
         for index, image in enumerate(images):
-            kwargs = task_kwargs(job_id, index, image)
+            kwargs = task_kwargs(job_id, index, image, len(images))
             app.send_task(
                 TASK, kwargs=kwargs, queue=QUEUE, task_id=f"{job_id}:{kwargs['item_id']}", producer=producer
             )

@@ -8,10 +8,12 @@ import inspect
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -21,6 +23,7 @@ from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, js
 from producer.enqueue import enqueue_file
 from producer.errors import ImageQAError
 from producer.jobs import JobRecord, JobStatus, job_status, list_jobs
+from producer.quarantine import QuarantineEntry, list_quarantined, quarantined_total
 from producer.settings import ProducerSettings
 from producer.wait import wait_for_job
 
@@ -254,10 +257,15 @@ def status(
             st = wait_for_job(
                 r, job, on_progress=lambda latest: update(latest.done, latest.failed, latest.total)
             )
+    held = quarantined_total(r)
     if as_json:
-        typer.echo(json.dumps(st.as_dict()))
+        typer.echo(json.dumps({**st.as_dict(), "quarantined_all_jobs": held}))
     else:
         console.print(describe(st))
+        if held:
+            console.print(
+                f"quarantine: {held} messages in all ({st.quarantined} of this job); see imageqa quarantine"
+            )
     raise typer.Exit(0 if st.finished or not wait else 1)
 
 
@@ -297,7 +305,47 @@ def describe(st: JobStatus) -> str:
         )
     if st.agreement_rate is not None:
         text += f"; verification agreement {st.agreement_rate:.0%}"
+    if st.quarantined:
+        text += f"; {st.quarantined} messages quarantined"
     return text + f" -> {st.output_path}"
+
+
+@app.command("quarantine")
+def quarantine_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 20,
+    job: Annotated[str | None, typer.Option(help="Only this job's.")] = None,
+) -> None:
+    """Messages that workers and the collector could not use, kept with the reason (newest first)."""
+    r = connect_redis(ProducerSettings().redis_url)
+    entries = list_quarantined(r, limit, job)
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(entry.as_dict()))
+        return
+    console.print(f"{quarantined_total(r)} messages quarantined in all; the newest {len(entries)}:")
+    for entry in entries:
+        typer.echo(describe_quarantined(entry))
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client of the Redis at ``url``, or the command fails with a clear message if it does not answer."""
+    try:
+        check_redis(url)
+    except ImageQAError as e:
+        raise fail(e) from None
+    return redis_client(url)
+
+
+def describe_quarantined(entry: QuarantineEntry, raw_chars: int = 200) -> str:
+    raw = entry.raw.decode("utf-8", "replace")
+    if len(raw) > raw_chars or entry.truncated:
+        raw = raw[:raw_chars] + f"... ({entry.raw_bytes} bytes)"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.at))
+    return (
+        f"{entry.entry_id} {when} {entry.source} {entry.ref or '-'} job {entry.job_id or '?'} "
+        f"from {entry.origin}: {entry.code}: {entry.reason}\n    {raw}"
+    )
 
 
 @app.command()

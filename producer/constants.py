@@ -17,6 +17,16 @@ COLLECTOR_GROUP = "collectors"
 JOBS_INDEX = f"{PREFIX}:jobs"
 """Sorted set of job ids, scored by creation time."""
 
+QUARANTINE_STREAM = f"{PREFIX}:quarantine"
+"""Redis Stream of what the workers and the collector could not use (an undecodable result entry, a
+task message without job and item id): the raw entry and the reason, kept for inspection."""
+
+QUARANTINE_MAXLEN = 100_000
+"""The quarantine stream keeps about this many of the newest entries (``XADD MAXLEN ~``)."""
+
+QUARANTINE_COUNT = f"{PREFIX}:quarantine:count"
+"""Counter: entries ever quarantined (the stream itself is bounded)."""
+
 
 # Fields of the job hash (`job_key`). Only `producer.jobs` reads or writes them.
 
@@ -67,6 +77,13 @@ JOB_ENQUEUED = "enqueued"
 
 JOB_SKIPPED = "skipped"
 """Job hash counter: rows an enqueue pass found already written, over every pass."""
+
+JOB_QUARANTINED = "quarantined"
+"""Job hash counter: entries of this job put in the quarantine stream (`QUARANTINE_STREAM`)."""
+
+JOB_DECLARED_TOTAL = "declared_total"
+"""Job hash field: the number of rows an application that enqueues without registering the job
+declared (``job_total`` in its task messages); the job is done once that many are written."""
 
 JOB_FAILED_PREFIX = "failed:"
 """Job hash counters ``failed:<error code>``: failed rows by error code."""

@@ -30,6 +30,8 @@ MAX_IMAGE_REF_CHARS = 8 * 1024 * 1024
 """A `data:` URI carries the image inline; this caps its size (and the message's)."""
 MAX_ROW_BYTES = 16 * 1024 * 1024
 """An input row (as canonical JSON) larger than this is an error row, not a task."""
+MAX_JOB_TOTAL = 1_000_000_000
+"""Largest ``job_total`` a task message may declare."""
 
 
 class _Frozen(BaseModel):
@@ -120,6 +122,15 @@ class TaskMessage(_Frozen):
     enqueued_at: float | None = Field(
         default=None, description="Unix time of enqueueing (for queue-wait metrics)."
     )
+    job_total: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_JOB_TOTAL,
+        description="For an application that enqueues without registering the job: how many rows "
+        "(distinct item ids) the job has. The collector marks the job done, and announces it, once "
+        "that many are written. Give the same value in every message of the job; the first one "
+        "the collector sees stands.",
+    )
 
     @model_validator(mode="after")
     def _refs(self) -> TaskMessage:
@@ -168,13 +179,14 @@ class ResultRecord(_Frozen):
     job_id: str
     item_id: str
     row_index: int
-    row: Any
+    row: Any = Field(default=None, description="The input row; left out of the error of a message too large.")
     qa_pairs: list[QAPair] | None = None
     error: ErrorInfo | None = None
     qa_stats: QAStats | None = None
     model: str | None = None
     worker: str | None = None
     elapsed_s: float | None = None
+    job_total: int | None = Field(default=None, ge=1, description="The task message's ``job_total``.")
 
     @model_validator(mode="after")
     def _one_outcome(self) -> ResultRecord:

@@ -34,6 +34,7 @@ class ErrorCode(str, enum.Enum):
     MODEL_MISMATCH = "model_mismatch"
     CANCELLED = "cancelled"
     MESSAGE_INVALID = "message_invalid"
+    MESSAGE_TOO_LARGE = "message_too_large"
     REDIS_UNAVAILABLE = "redis_unavailable"
     DATAFLOW_INVALID = "dataflow_invalid"
     STORAGE_ERROR = "storage_error"
@@ -71,6 +72,7 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.MODEL_MISMATCH: "the task asked for another model than the worker serves",
     ErrorCode.CANCELLED: "the job was cancelled before this row was processed",
     ErrorCode.MESSAGE_INVALID: "the task message or result record did not match the contract",
+    ErrorCode.MESSAGE_TOO_LARGE: "the task message is over the workers' size limit",
     ErrorCode.REDIS_UNAVAILABLE: "Redis (broker or job registry) cannot be reached",
     ErrorCode.DATAFLOW_INVALID: "the DataFlow operator API was used wrongly",
     ErrorCode.STORAGE_ERROR: "a DataFlow step file cannot be read or written",

@@ -52,6 +52,8 @@ class JobStatus:
     """Rejected question-answer pairs by reason (over all rows, written or failed)."""
     qa: dict[str, int] = field(default_factory=dict)
     """Pair counters: ``pairs`` written, generation ``tries``, ``verified`` and ``agreed`` pairs."""
+    quarantined: int = 0
+    """Entries of this job put in the quarantine stream (`producer.quarantine`)."""
 
     @property
     def agreement_rate(self) -> float | None:
@@ -204,6 +206,10 @@ class JobRecord:
 
     # --- the workers ---------------------------------------------------------------------------
 
+    def count_quarantined(self, pipe: redis.client.Pipeline) -> None:
+        """Adds to ``pipe``: one more entry of this job went to the quarantine stream."""
+        pipe.hincrby(self.key, k.JOB_QUARANTINED, 1)
+
     def is_cancelled(self) -> bool:
         return self.r.hget(self.key, k.JOB_CANCELLED) == b"1"
 
@@ -261,19 +267,27 @@ class JobRecord:
         for name, count in _counters(records).items():
             pipe.hincrby(self.key, name, count)
 
+    def declare_total(self, pipe: redis.client.Pipeline, total: int) -> None:
+        """Adds to ``pipe``: an application that enqueues without registering the job says it has
+        ``total`` rows, so the job is done once that many distinct items are written. The first
+        declaration stands; it also closes the enqueue, as `close_enqueue` does for the producer."""
+        pipe.hsetnx(self.key, k.JOB_DECLARED_TOTAL, total)
+        pipe.hset(self.key, k.JOB_ENQUEUE_COMPLETE, 1)
+
     def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
-        """Marks the job done when enqueueing is over and every item is written; True if it is done.
+        """Marks the job done when enqueueing is over and every item is written (as many as the
+        declared total, if there is one: `declare_total`); True if it is done.
 
         Called by the collector after each batch and by the producer after enqueueing; idempotent.
         When the job finishes it announces it on its pub/sub channel and, if the enqueuer named one,
         sends the Celery task ``on_done_task`` with the job's figures.
         """
         pipe = self.r.pipeline()
-        pipe.hget(self.key, k.JOB_ENQUEUE_COMPLETE)
+        pipe.hmget(self.key, [k.JOB_ENQUEUE_COMPLETE, k.JOB_DECLARED_TOTAL])
         pipe.scard(k.job_items_key(self.job_id))
         pipe.scard(k.job_done_key(self.job_id))
-        complete, total, done = pipe.execute()
-        if complete != b"1" or done < total:
+        (complete, declared), total, done = pipe.execute()
+        if complete != b"1" or done < max(total, int(declared or 0)):
             return False
         if self.r.hsetnx(self.key, k.JOB_FINISHED_AT, time.time()):
             if self.r.hget(self.key, k.JOB_CANCELLED) != b"1":
@@ -347,7 +361,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
     return JobStatus(
         job_id=job_id,
         state=h.get(k.JOB_STATE, "unknown"),
-        total=int(total),
+        total=max(int(total), int(h.get(k.JOB_DECLARED_TOTAL, 0))),
         written=int(h.get(k.JOB_WRITTEN, 0)),
         failed=int(h.get(k.JOB_FAILED, 0)),
         enqueued=int(h.get(k.JOB_ENQUEUED, 0)),
@@ -361,6 +375,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         failures=_prefixed(h, k.JOB_FAILED_PREFIX),
         rejected=_prefixed(h, k.JOB_REJECTED_PREFIX),
         qa=_prefixed(h, k.JOB_QA_PREFIX),
+        quarantined=int(h.get(k.JOB_QUARANTINED, 0)),
     )
 
 

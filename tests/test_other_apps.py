@@ -1,6 +1,7 @@
 """Other applications enqueue without this project's code: the JSON Schema they read is current, and the
-plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files. The
-light producer, which Python applications may install instead, imports nothing of the service."""
+plain-Celery (Python) and celery-node (Node.js) examples drive a real worker to real output files and
+a finished job (their messages declare the job's size). The light producer, which Python applications
+may install instead, imports nothing of the service."""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import time
 from pathlib import Path
 
 import jsonschema
+import orjson
 import pytest
+import redis
 from celery import Celery
 
+from producer import constants as k
+from producer.broker import redis_client
 from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.contract import TaskMessage
+from producer.jobs import job_status
 from tests.conftest import Cluster
 from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl
 
@@ -99,6 +105,28 @@ def send_marker(redis_url: str, job_id: str, image: Path) -> None:
     client.close()
 
 
+def subscribe(redis_url: str, job_id: str) -> redis.client.PubSub:
+    """Listens to the job's events channel (before its tasks are sent, so that nothing is missed)."""
+    events = redis_client(redis_url).pubsub()
+    events.subscribe(k.job_events_channel(job_id))
+    return events
+
+
+def check_finished(redis_url: str, job_id: str, events: redis.client.PubSub, rows: int) -> None:
+    """The job is marked done and announced: its messages declared how many rows it has."""
+    deadline = time.monotonic() + 30
+    announced = []
+    while not announced and time.monotonic() < deadline:
+        message = events.get_message(timeout=1.0)
+        if message and message["type"] == "message":
+            announced.append(orjson.loads(message["data"]))
+    assert [(e["event"], e["state"], e["written"] + e["failed"]) for e in announced] == [
+        ("finished", "done", rows)
+    ]
+    st = job_status(redis_client(redis_url), job_id)
+    assert st is not None and (st.state, st.total, st.done, st.finished) == ("done", rows, rows, True)
+
+
 def check_results(redis_url: str, folder: Path, job_id: str, images: list[Path], missing: Path) -> None:
     """Every image gives one output line (its row plus pairs); the missing one an error line."""
     out, errors = wait_for_lines(folder, job_id, len(images) + 1)
@@ -121,6 +149,7 @@ def check_results(redis_url: str, folder: Path, job_id: str, images: list[Path],
 def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, tmp_path: Path):
     images = make_images(media, 3)
     missing = media / "missing.jpg"
+    events = subscribe(fake_cluster.redis_url, "plain-job")
     with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
         run = subprocess.run(
             [
@@ -138,6 +167,7 @@ def test_plain_celery_example_drives_a_real_worker(fake_cluster: Cluster, media:
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "plain-job"
+        check_finished(fake_cluster.redis_url, "plain-job", events, len(images) + 1)
         check_results(fake_cluster.redis_url, tmp_path, "plain-job", images, missing)
 
 
@@ -169,6 +199,7 @@ def test_node_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, t
     node_modules = _node_modules()
     images = make_images(media, 3)
     missing = media / "missing.jpg"
+    events = subscribe(fake_cluster.redis_url, "node-job")
     with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
         run = subprocess.run(
             [
@@ -187,4 +218,5 @@ def test_node_example_drives_a_real_worker(fake_cluster: Cluster, media: Path, t
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "node-job"
+        check_finished(fake_cluster.redis_url, "node-job", events, len(images) + 1)
         check_results(fake_cluster.redis_url, tmp_path, "node-job", images, missing)

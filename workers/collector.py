@@ -5,7 +5,8 @@ Reads the results stream with a consumer group and, per batch:
 1. drops item ids the job has already written (the job's done set);
 2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
 3. appends the lines and fsyncs;
-4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, acks.
+4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, records
+   a declared job size (``job_total``), quarantines entries it cannot decode, acks.
 
 A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
 the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
@@ -32,6 +33,7 @@ from producer.broker import RETRYABLE, RedisBackoff, celery_app, queue_depth, re
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.jobs import JobConfig, JobRecord
+from producer.quarantine import quarantine, recover_job_id
 from producer.results import FIELD
 from workers import metrics
 from workers.settings import CollectorSettings
@@ -46,6 +48,8 @@ class _JobBatch:
     records: dict[str, ResultRecord] = field(default_factory=dict)
     ok: list[bytes] = field(default_factory=list)
     failed: list[ResultRecord] = field(default_factory=list)
+    declared_total: int | None = None
+    """The ``job_total`` the batch's records carry, for a job no producer registered."""
 
 
 class Collector:
@@ -185,24 +189,29 @@ class Collector:
 
     def handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         batches: dict[str, _JobBatch] = {}
+        undecodable: list[tuple[bytes, dict[bytes, bytes], ContractError]] = []
         for entry_id, fields in entries:
+            fields = fields or {}  # an entry deleted while pending comes back without fields
             try:
-                record = ResultRecord.decode(fields[FIELD])
-            except (ContractError, KeyError) as e:
-                log.error("dropping stream entry %s: %s", entry_id.decode(), e)
+                record = decode_entry(fields)
+            except ContractError as e:
+                # Kept, not dropped: it is quarantined in the transaction that acknowledges it.
+                undecodable.append((entry_id, fields, e))
                 continue
             batch = batches.get(record.job_id)
             if batch is None:
                 job = JobRecord(self.r, record.job_id)
                 batch = batches[record.job_id] = _JobBatch(job, self._config(job))
             batch.records.setdefault(record.item_id, record)
+            if record.job_total and not batch.config.registered:
+                batch.declared_total = batch.declared_total or record.job_total
         self._select_fresh(batches)
         writing = {job_id: b for job_id, b in batches.items() if b.ok or b.failed}
         self._mark(writing)
         for batch in writing.values():
             _append(Path(batch.config.output_path), batch.ok)
             _append(Path(batch.config.errors_path), [orjson.dumps(error_row(rec)) for rec in batch.failed])
-        self._commit(writing, [entry_id for entry_id, _ in entries])
+        self._commit(writing, [entry_id for entry_id, _ in entries], batches, undecodable)
         for batch in writing.values():
             self.rows_written += len(batch.ok)
             self.rows_failed += len(batch.failed)
@@ -254,12 +263,24 @@ class Collector:
             )
         pipe.execute()
 
-    def _commit(self, writing: dict[str, _JobBatch], entry_ids: list[bytes]) -> None:
-        """In one MULTI: the rows written are recorded, their markers deleted and the entries acked."""
+    def _commit(
+        self,
+        writing: dict[str, _JobBatch],
+        entry_ids: list[bytes],
+        batches: dict[str, _JobBatch],
+        undecodable: list[tuple[bytes, dict[bytes, bytes], ContractError]],
+    ) -> None:
+        """In one MULTI: the rows written are recorded, their markers deleted, declared job totals and
+        undecodable entries kept (`quarantine_entry`), and the entries acked."""
         pipe = self.r.pipeline(transaction=True)
         for batch in writing.values():
             batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
             batch.job.clear_write_marker(pipe)
+        for batch in batches.values():
+            if batch.declared_total:
+                batch.job.declare_total(pipe, batch.declared_total)
+        for entry_id, fields, error in undecodable:
+            quarantine_entry(pipe, entry_id, fields, error, self.settings.consumer)
         pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
         pipe.execute()
 
@@ -272,6 +293,42 @@ class Collector:
                 log.info("job %s was not registered; writing it to %s", job.job_id, config.output_path)
             self._configs[job.job_id] = config
         return self._configs[job.job_id]
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> ResultRecord:
+    """The result record of a stream entry; raises `ContractError` when there is none to decode."""
+    if FIELD not in fields:
+        raise ContractError(
+            f"stream entry has no {FIELD.decode()!r} field (it has: "
+            f"{', '.join(sorted(name.decode('latin-1') for name in fields)) or 'none'})"
+        )
+    return ResultRecord.decode(fields[FIELD])
+
+
+def quarantine_entry(
+    pipe: redis.client.Pipeline,
+    entry_id: bytes,
+    fields: dict[bytes, bytes],
+    error: ContractError,
+    consumer: str,
+) -> None:
+    """Adds to ``pipe``: keep an undecodable results entry (its record, or all its fields as JSON) in
+    the quarantine stream, counted for its job if the raw record still names one."""
+    raw = (
+        fields[FIELD]
+        if FIELD in fields
+        else orjson.dumps({a.decode("latin-1"): b.decode("latin-1") for a, b in fields.items()})
+    )
+    quarantine(
+        pipe,
+        source="result",
+        code=error.code,
+        reason=error.message,
+        raw=raw,
+        ref=entry_id.decode(),
+        origin=consumer,
+        job_id=recover_job_id(raw),
+    )
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:

@@ -73,6 +73,7 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
         worker=WORKER_NAME,
         elapsed_s=round(elapsed_s, 4),
         qa_stats=pool.stats() if pool.tries else None,
+        job_total=message.job_total,
         **outcome,  # type: ignore[arg-type]
     )
     log.info(

@@ -16,10 +16,14 @@ from pydantic import Field, field_validator
 from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from producer.contract import MAX_ROW_BYTES
 from producer.settings import ProducerSettings, RedisSettings
 from workers.fetch import AllowedNetwork, FetchPolicy
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+DEFAULT_MAX_MESSAGE_BYTES = 2 * MAX_ROW_BYTES + 1024 * 1024
+"""33 MiB: the largest message the producer sends (a row of up to `MAX_ROW_BYTES`, its image
+references again in ``images``, parameters), so the limit refuses nothing it accepted."""
 
 
 class ImageSettings(RedisSettings):
@@ -159,6 +163,9 @@ class WorkerSettings(ImageSettings):
     """How often the worker sweeps for tasks whose worker died, to redeliver them."""
     task_time_limit_s: int = 600
     """Hard per-task limit; the engine request is cancelled after ``task_time_limit_s - 30``."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """A task message whose arguments are larger than this as JSON is refused before it is decoded:
+    an error row (``message_too_large``) if it names its job and item, else quarantined."""
     metrics_port: int = 9100
     """Prometheus /metrics of this worker (0: off). One per process: give each worker on a host its own."""
     metrics_address: str = "127.0.0.1"

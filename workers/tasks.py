@@ -16,12 +16,14 @@ from producer.broker import RETRYABLE, with_redis_retry
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError, ErrorCode
 from producer.jobs import JobRecord
+from producer.quarantine import quarantine
 from producer.results import publish
 from workers import metrics
 from workers.app import results_client, runtime, worker_settings
 from workers.engines.base import EngineDead
 from workers.generate import WORKER_NAME, process
 from workers.isolation import IsolationGate
+from workers.screen import Screened, job_total, raw_message, screen
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,16 @@ def register(app: Celery) -> None:
     )
 
 
-def generate(self: Any, **kwargs: Any) -> None:
+def generate(self: Any, *args: Any, **kwargs: Any) -> None:
     # Kombu marks a message it puts back (its worker died, or it was requeued) as redelivered.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
+        # Positional arguments are taken here, not refused by Python, so that they become an error
+        # row (or a quarantined message) rather than a TypeError in a log.
+        screened = screen(args, kwargs, worker_settings().max_message_bytes)
+        if screened.problem is not None:
+            _refuse(screened, args, kwargs, self.request.id or "")
+            return
         _generate(kwargs, redelivered)
     except RETRYABLE as e:
         # Redis stayed away longer than the retry budget: put the message back rather than lose it.
@@ -135,14 +143,42 @@ def _error(kwargs: dict[str, Any], error: ErrorInfo) -> ResultRecord:
         row=kwargs.get("row"),
         error=error,
         worker=WORKER_NAME,
+        job_total=job_total(kwargs),
     )
 
 
 def _reject(kwargs: dict[str, Any], error: ContractError) -> None:
-    """An invalid message still becomes an error row when it names its job and item."""
-    job_id, item_id = kwargs.get("job_id"), kwargs.get("item_id")
-    if not (isinstance(job_id, str) and job_id and isinstance(item_id, str) and item_id):
-        log.error("dropping a task message without job_id/item_id: %s", error.message)
+    """An invalid message becomes an error row when it names its job and item (else: `_refuse`)."""
+    _refuse(Screened(kwargs, error), (), kwargs, "")
+
+
+def _refuse(screened: Screened, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str) -> None:
+    """A message the worker cannot use becomes its item's error row when it names its job and item,
+    and goes to the quarantine otherwise; either is in Redis before the task returns and the message
+    is acknowledged. A message too large to keep has its row left out of the error row."""
+    error = screened.problem
+    assert error is not None
+    if screened.names_item:
+        fields = screened.fields
+        if error.code == ErrorCode.MESSAGE_TOO_LARGE:
+            fields = {**fields, "row": None}
+        record = _error(fields, ErrorInfo(code=error.code, message=error.message))
+        with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
         return
-    record = _error(kwargs, ErrorInfo(code=error.code, message=error.message))
-    with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
+    raw = raw_message(args, kwargs)
+
+    def store() -> None:
+        pipe = results_client().pipeline()
+        quarantine(
+            pipe,
+            source="task",
+            code=error.code,
+            reason=error.message,
+            raw=raw,
+            ref=task_id,
+            origin=WORKER_NAME,
+            job_id=screened.job_id,
+        )
+        pipe.execute()
+
+    with_redis_retry(store, PUBLISH_RETRY_S)

@@ -6,7 +6,9 @@
 //
 // Each image becomes one task `imageqa.generate` (Celery protocol 2, JSON kwargs; docs/enqueue.md).
 // The collector writes the results to <IMAGEQA_OUTPUT_DIR>/<job id>.jsonl and failures to
-// <job id>.errors.jsonl, one line per image. Image paths must be the paths the workers see (under
+// <job id>.errors.jsonl, one line per image. Every message declares the job's size (job_total), so
+// the job is marked done, and announced on the Redis channel imageqa:job:<job id>:events, once every
+// image has its line. Image paths must be the paths the workers see (under
 // their IMAGEQA_MEDIA_ROOTS, /data in the compose deployment); http(s):// and data: references are
 // sent unchanged.
 "use strict";
@@ -18,7 +20,7 @@ const celery = require("celery-node");
 const TASK = "imageqa.generate";
 const QUEUE = "imageqa.generate";
 
-function taskKwargs(jobId, index, image) {
+function taskKwargs(jobId, index, image, total) {
   const ref = /^[a-zA-Z][a-zA-Z0-9+.-]*:/.test(image) ? image : path.resolve(image);
   // Stable across resends of the same input, so a resent image is written once, not twice.
   const itemId = crypto.createHash("sha256").update(`${index}\n${ref}`).digest("hex").slice(0, 32);
@@ -30,6 +32,7 @@ function taskKwargs(jobId, index, image) {
     images: [ref],
     row: { image: [ref] },
     enqueued_at: Date.now() / 1000, // optional: lets the workers measure queue wait
+    job_total: total, // optional: the job is marked done once this many rows are written
   };
 }
 
@@ -45,7 +48,7 @@ async function main(argv) {
   try {
     await client.isReady();
     for (const [index, image] of images.entries()) {
-      const kwargs = taskKwargs(jobId, index, image);
+      const kwargs = taskKwargs(jobId, index, image, images.length);
       // Build the protocol 2 message and publish it ourselves: client.sendTask() publishes in the
       // background and returns no promise for it, so a disconnect right after could lose messages.
       const message = client.asTaskV2(`${jobId}:${kwargs.item_id}`, TASK, [], kwargs);
