@@ -13,6 +13,7 @@ in flight: the collector's stall watch (`workers.stall`) sends them again from t
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from producer.jobs import JobRecord, job_status
 from producer.resend import job_source, send_rows
 
 log = logging.getLogger(__name__)
+
+CANCEL_FLAG_WAIT_S = 1.0
+"""Pause before sending the rows of a cancelled job again: longer than workers cache its cancel flag."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ def retry_job(
     wanted = {str(code) for code in codes}
     rows = {row.item_id: row for row in failed_rows(Path(status.errors_path)) if row.code in wanted}
     taken = job.take_for_retry({item_id: row.code for item_id, row in rows.items()})
+    if taken and status.state == "cancelled":
+        # Workers cache a job's cancel flag for half a second (`workers.tasks.CancelFlags`): sent at
+        # once, the rows could meet the flag just cleared and be cancelled again.
+        time.sleep(CANCEL_FLAG_WAIT_S)
     send_rows(app, r, job, source, ((rows[item_id].raw, item_id) for item_id in taken))
     by_code = Counter(rows[item_id].code for item_id in taken)
     log.info("job %s: %d failed rows sent again (%s)", job_id, len(taken), dict(by_code))

@@ -1,0 +1,192 @@
+"""Recovery without a person: the collector re-sends rows lost in transit, and ``imageqa retry`` sends
+failed rows again, with a real Redis, a real worker (fake engine) and the collector."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer import constants as k
+from producer.broker import celery_app, redis_client
+from producer.contract import GenerationParams
+from producer.enqueue import enqueue_file
+from producer.errors import ErrorCode
+from producer.jobs import JobRecord, job_status
+from producer.retry import retry_job
+from producer.settings import ProducerSettings
+from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+
+PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
+URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/9"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env={**os.environ, "IMAGEQA_REDIS_URL": URL},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A slow fake-engine worker (two tasks at a time, 0.2 s each) on database 9; yields its media root."""
+    media = tmp_path_factory.mktemp("recovery-media")
+    redis_client(URL).flushdb()
+    env = {
+        "IMAGEQA_REDIS_URL": URL,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_FAKE_DELAY_S": "0.2",
+        "IMAGEQA_CONCURRENCY": "2",
+        "IMAGEQA_ALLOW_PRIVATE_URLS": "1",
+    }
+    process = WorkerProcess(env, tmp_path_factory.mktemp("recovery-worker") / "w.log").start(60)
+    yield media
+    process.stop()
+
+
+@pytest.fixture
+def media(worker: Path, request: pytest.FixtureRequest) -> Path:
+    redis_client(URL).flushdb()
+    folder = worker / request.node.name
+    folder.mkdir()
+    return folder
+
+
+def rows_by_n(output: Path) -> tuple[list[int], list[int]]:
+    written = [row["n"] for row in read_jsonl(output)]
+    failed = [e["row"]["n"] for e in read_jsonl(output.with_name(output.stem + ".errors.jsonl"))]
+    return sorted(written), sorted(failed)
+
+
+def test_the_collector_resends_a_task_lost_in_transit(media, tmp_path):
+    images = make_images(media, 24)
+    source = write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
+    output = tmp_path / "out.jsonl"
+    r = redis_client(URL)
+    with CollectorThread(URL) as collector:  # the default stall settings: checks every 10 s, 30 s grace
+        assert (collector.collector.settings.stall_check_s, collector.collector.settings.stall_grace_s) == (
+            10,
+            30,
+        )
+        job_id = enqueue_file(source, output, settings=ProducerSettings(redis_url=URL), params=PARAMS).job_id
+        # Lose one queued task as Kombu's transport can: popped, never recorded as unacknowledged.
+        lost = 0
+        while not lost:
+            message = r.lindex(k.QUEUE_GENERATE, 0)
+            assert message is not None, "the queue drained before a task could be taken out"
+            lost = r.lrem(k.QUEUE_GENERATE, 1, message)
+        started = time.monotonic()
+        st = wait_done(URL, job_id, timeout_s=90)  # no resend callback: only the collector re-sends
+    assert st.state == "done" and st.written == 24 and st.failed == 0 and st.resent == 1
+    assert time.monotonic() - started < 80
+    written, failed = rows_by_n(output)
+    assert written == list(range(24)) and failed == []
+    report = json.loads(cli("status", job_id, "--json").stdout)
+    assert report["resent"] == 1
+    assert "1 rows re-sent after they were lost in transit" in " ".join(cli("status", job_id).stderr.split())
+
+
+class _FlakyImages(http.server.BaseHTTPRequestHandler):
+    """Serves the media folder's images, or 404 for every request while ``failing`` is set."""
+
+    failing = threading.Event()
+    folder: Path
+
+    def do_GET(self) -> None:
+        path = self.folder / self.path.lstrip("/")
+        if self.failing.is_set() or not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_server(media: Path) -> Iterator[str]:
+    _FlakyImages.folder = media
+    _FlakyImages.failing.set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyImages)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(5)
+
+
+def test_retry_sends_transient_failures_again_and_each_row_stays_once(media, tmp_path, flaky_server):
+    images = make_images(media, 9)
+    rows = [{"image": p.name, "n": i} for i, p in enumerate(images[:6])]
+    rows += [{"image": f"{flaky_server}/{p.name}", "n": 6 + i} for i, p in enumerate(images[6:])]
+    rows.append({"image": "gone.jpg", "n": 9})
+    source = write_jsonl(media / "in.jsonl", rows)
+    output = tmp_path / "out.jsonl"
+    with CollectorThread(URL):
+        job_id = enqueue_file(source, output, settings=ProducerSettings(redis_url=URL), params=PARAMS).job_id
+        st = wait_done(URL, job_id, timeout_s=60)
+        assert st.written == 6 and st.failures == {"image_fetch_failed": 3, "image_not_found": 1}
+        assert rows_by_n(output) == (list(range(6)), [6, 7, 8, 9])
+
+        _FlakyImages.failing.clear()  # the image server is back
+        result = cli("retry", job_id)
+        assert result.returncode == 0, result.stderr
+        assert "3 failed rows sent again (image_fetch_failed 3)" in " ".join(result.stderr.split())
+        st = wait_done(URL, job_id, timeout_s=60)
+        assert st.state == "done" and st.written == 9 and st.failed == 1 and st.retried == 3
+        assert st.failures == {"image_not_found": 1}
+        # Each row exactly once, across both files: the retried rows left the errors file.
+        assert rows_by_n(output) == (list(range(9)), [9])
+
+        # image_not_found is not transient: a plain retry leaves it alone, --code selects it.
+        assert "0 failed rows sent again" in " ".join(cli("retry", job_id).stderr.split())
+        app = celery_app(URL, 3600)
+        summary = retry_job(app, redis_client(URL), job_id, [ErrorCode.IMAGE_NOT_FOUND])
+        assert summary.retried == 1 and summary.by_code == {"image_not_found": 1}
+        st = wait_done(URL, job_id, timeout_s=60)
+    assert st.state == "done" and st.written == 9 and st.failed == 1 and st.retried == 4
+    assert st.failures == {"image_not_found": 1}
+    assert rows_by_n(output) == (list(range(9)), [9])
+    errors = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert [e["error"]["code"] for e in errors] == ["image_not_found"]
+    report = json.loads(cli("status", job_id, "--json").stdout)
+    assert report["retried"] == 4 and report["failed"] == 1 and report["written"] == 9
+    assert cli("retry", job_id, "--code", "no_such_code").returncode == 2
+    assert cli("retry", "no-such-job").returncode == 2
+
+
+def test_retry_of_a_cancelled_job_finishes_it(media, tmp_path):
+    images = make_images(media, 12)
+    source = write_jsonl(media / "in.jsonl", [{"image": p.name, "n": i} for i, p in enumerate(images)])
+    output = tmp_path / "out.jsonl"
+    r = redis_client(URL)
+    with CollectorThread(URL):
+        job_id = enqueue_file(source, output, settings=ProducerSettings(redis_url=URL), params=PARAMS).job_id
+        assert JobRecord(r, job_id).cancel()
+        st = wait_done(URL, job_id, timeout_s=60)
+        assert st.state == "cancelled" and st.failures.get("cancelled", 0) >= 6
+        cancelled = st.failures["cancelled"]
+        summary = retry_job(celery_app(URL, 3600), r, job_id)
+        assert summary.retried == cancelled
+        assert not JobRecord(r, job_id).is_cancelled()
+        st = wait_done(URL, job_id, timeout_s=60)
+    assert st.state == "done" and st.written == 12 and st.failed == 0 and st.failures == {}
+    assert rows_by_n(output) == (list(range(12)), [])
+    assert job_status(r, job_id) == st
