@@ -17,13 +17,18 @@ import pytest
 
 from producer import constants as k
 from producer.broker import celery_app, redis_client
-from producer.contract import GenerationParams
+from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord
 from producer.enqueue import enqueue_file
 from producer.errors import ErrorCode
 from producer.jobs import JobRecord, job_status
+from producer.results import publish
 from producer.retry import retry_job
 from producer.settings import ProducerSettings
 from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+from workers import collector as collector_module
+from workers import retried
+from workers.collector import Collector
+from workers.settings import CollectorSettings
 
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
 URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/9"
@@ -190,3 +195,89 @@ def test_retry_of_a_cancelled_job_finishes_it(media, tmp_path):
     assert st.state == "done" and st.written == 12 and st.failed == 0 and st.failures == {}
     assert rows_by_n(output) == (list(range(12)), [])
     assert job_status(r, job_id) == st
+
+
+class _Crash(BaseException):
+    """A collector killed at this point."""
+
+
+def _result(item: str, *, error: bool) -> ResultRecord:
+    return ResultRecord(
+        job_id="job",
+        item_id=item,
+        row_index=ord(item[-1]) - ord("a"),
+        row={"image": ["x.jpg"], "n": item},
+        qa_pairs=None if error else [QAPair(question="What is it?", answer="A thing.")],
+        error=ErrorInfo(code=ErrorCode.ENGINE_ERROR, message="boom") if error else None,
+        worker="test",
+    )
+
+
+@pytest.mark.parametrize("retry_ok", [True, False], ids=["succeeds", "fails-again"])
+@pytest.mark.parametrize("crash", ["after_the_rewrite", "while_appending"])
+def test_a_collector_killed_while_writing_a_retried_row_keeps_each_row_once(
+    redis_url: str, tmp_path: Path, monkeypatch, crash: str, retry_ok: bool
+):
+    # Given a finished job with three failed rows, one of them taken back by a retry, which succeeds
+    # or fails again
+    r = redis_client(redis_url)
+    output, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    job = JobRecord(r, "job")
+    job.register(
+        output_path=str(output),
+        errors_path=str(errors),
+        output_key="qa_pairs",
+        input_path=str(tmp_path / "in.jsonl"),
+        params_json=PARAMS.model_dump_json(),
+    )
+    pipe = r.pipeline()
+    job.add_items(pipe, ["item-a", "item-b", "item-c"])
+    pipe.execute()
+    job.close_enqueue(0)
+    settings = CollectorSettings(redis_url=redis_url, consumer="c1", metrics_port=0)
+    collector = Collector(settings)
+    collector.ensure_group()
+    for item in ("item-a", "item-b", "item-c"):
+        publish(r, _result(item, error=True))
+    collector.step()
+    assert len(read_jsonl(errors)) == 3 and job_status(r, "job").finished
+    assert job.take_for_retry({"item-a": "engine_error"}) == ["item-a"]
+    assert job.take_for_retry({"item-a": "engine_error"}) == []  # taken once only
+    publish(r, _result("item-a", error=not retry_ok))
+
+    # When the collector is killed after rewriting the errors file (before recording its new size),
+    # or in the middle of appending the new line
+    if crash == "after_the_rewrite":
+        real = retried.drop_lines
+
+        def drop_then_die(path: Path, items: object) -> int:
+            real(path, items)  # type: ignore[arg-type]
+            raise _Crash
+
+        monkeypatch.setattr(retried, "drop_lines", drop_then_die)
+    else:
+
+        def torn_append(path: Path, lines: list[bytes]) -> None:
+            if lines:
+                with path.open("ab") as f:
+                    f.write(lines[0][:10])
+                raise _Crash
+
+        monkeypatch.setattr(collector_module, "_append", torn_append)
+    with pytest.raises(_Crash):
+        collector.step()
+    monkeypatch.undo()
+
+    # Then the restarted collector writes the row once, in one file, and counts it once
+    Collector(settings).start()
+    written = [row["n"] for row in read_jsonl(output)]
+    failed = sorted(e["item_id"] for e in read_jsonl(errors))
+    if retry_ok:
+        assert written == ["item-a"] and failed == ["item-b", "item-c"]
+    else:
+        assert written == [] and failed == ["item-a", "item-b", "item-c"]
+    st = job_status(r, "job")
+    assert st is not None and st.finished and st.state == "done"
+    assert (st.written, st.failed, st.retried) == (1 - (not retry_ok), 2 + (not retry_ok), 1)
+    assert st.failures == {"engine_error": st.failed}
+    assert not r.exists(k.job_retrying_key("job"))
