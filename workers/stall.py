@@ -36,6 +36,11 @@ from producer.resend import resend_missing
 log = logging.getLogger(__name__)
 
 
+RETRY_AFTER_FAILURE_S = 300.0
+"""A re-send that failed (the input is gone, or not visible on the collector's host) is tried again
+after this long, not at every check."""
+
+
 @dataclass(frozen=True)
 class _Suspect:
     since: float
@@ -58,6 +63,7 @@ class StallWatch:
         self._last_check = time.monotonic()
         self._suspects: dict[str, _Suspect] = {}
         self._resending: dict[str, threading.Thread] = {}
+        self._failed_at: dict[str, float] = {}
 
     def maybe_check(self) -> None:
         """Runs `check` when ``check_s`` has passed since the last one (never if ``check_s`` is 0)."""
@@ -76,7 +82,8 @@ class StallWatch:
         seen: dict[str, _Suspect] = {}
         stalled = []
         for job_id in jobs.unfinished_jobs(self.r):
-            if job_id in self._resending:
+            failed_at = self._failed_at.get(job_id, float("-inf"))
+            if job_id in self._resending or now - failed_at < RETRY_AFTER_FAILURE_S:
                 continue
             status = job_status(self.r, job_id)
             if status is None or not JobRecord(self.r, job_id).lost_in_transit(status):
@@ -116,5 +123,9 @@ class StallWatch:
             sent = resend_missing(self.celery(), self.r, job_id, self.stop)
             log.warning("job %s: %d rows sent again", job_id, sent)
         except Exception:
-            # The next checks find the job stalled again and try once more.
-            log.exception("job %s: sending its missing rows again failed", job_id)
+            self._failed_at[job_id] = time.monotonic()
+            log.exception(
+                "job %s: sending its missing rows again failed; trying again in %.0f s",
+                job_id,
+                RETRY_AFTER_FAILURE_S,
+            )
