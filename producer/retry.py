@@ -65,8 +65,14 @@ def retry_job(
         raise ImageQAError(f"no job {job_id!r}")
     job = JobRecord(r, job_id)
     source = job_source(job)
+    errors_path = Path(status.errors_path)
+    if status.failed and not errors_path.exists():
+        raise ImageQAError(
+            f"job {job_id} has {status.failed} failed rows but its errors file {errors_path} is not "
+            "here: run the retry where the collector's files are visible"
+        )
     wanted = {str(code) for code in codes}
-    rows = {row.item_id: row for row in failed_rows(Path(status.errors_path)) if row.code in wanted}
+    rows = {row.item_id: row for row in failed_rows(errors_path) if row.code in wanted}
     taken = job.take_for_retry({item_id: row.code for item_id, row in rows.items()})
     if taken and status.state == "cancelled":
         # Workers cache a job's cancel flag for half a second (`workers.tasks.CancelFlags`): sent at

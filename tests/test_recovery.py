@@ -26,7 +26,7 @@ from producer.retry import retry_job
 from producer.settings import ProducerSettings
 from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
 from workers import collector as collector_module
-from workers import retried
+from workers import retried, stall
 from workers.collector import Collector
 from workers.settings import CollectorSettings
 
@@ -281,3 +281,45 @@ def test_a_collector_killed_while_writing_a_retried_row_keeps_each_row_once(
     assert (st.written, st.failed, st.retried) == (1 - (not retry_ok), 2 + (not retry_ok), 1)
     assert st.failures == {"engine_error": st.failed}
     assert not r.exists(k.job_retrying_key("job"))
+
+
+def test_a_job_is_stalled_after_two_checks_a_grace_apart_without_progress(redis_url, tmp_path, monkeypatch):
+    # Given a fully enqueued job with two rows, nothing in flight, and a clock the test moves
+    r = redis_client(redis_url)
+    job = JobRecord(r, "job")
+    job.register(
+        output_path=str(tmp_path / "out.jsonl"),
+        errors_path=str(tmp_path / "out.errors.jsonl"),
+        output_key="qa_pairs",
+        input_path=str(tmp_path / "in.jsonl"),
+        params_json=PARAMS.model_dump_json(),
+    )
+    pipe = r.pipeline()
+    job.add_items(pipe, ["item-a", "item-b"])
+    pipe.execute()
+    job.close_enqueue(0)
+    clock = [1000.0]
+    monkeypatch.setattr(stall.time, "monotonic", lambda: clock[0])
+    resent: list[str] = []
+    monkeypatch.setattr(stall, "resend_missing", lambda app, r, job_id, stop: resent.append(job_id) or 2)
+    watch = stall.StallWatch(r, lambda: None)  # type: ignore[arg-type,return-value]
+
+    def check_at(t: float) -> list[str]:
+        clock[0] = 1000.0 + t
+        found = watch.check()
+        watch.join(5)
+        return found
+
+    # When a row is written between the first checks, the grace starts again
+    assert check_at(0) == [] and check_at(10) == []
+    pipe = r.pipeline()
+    job.record_results(pipe, [_result("item-a", error=False)], new_items=False)
+    pipe.execute()
+    assert check_at(20) == [] and check_at(40) == []
+    # and while a task is queued (for any job) nothing is stalled
+    r.lpush(k.QUEUE_GENERATE, b"{}")
+    assert check_at(60) == []
+    r.delete(k.QUEUE_GENERATE)
+    assert check_at(70) == [] and check_at(99) == []
+    # Then the job is stalled at the first check 30 s after it was seen without progress
+    assert check_at(100) == ["job"] and resent == ["job"]
