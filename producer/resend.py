@@ -50,7 +50,7 @@ def send_rows(
     """Sends one ``imageqa.generate`` task per (row, item id), as `enqueue_file` does, in batches of
     `BATCH_ROWS`; a row that cannot become a task goes to the collector as an error row. Counts the
     tasks in the job's ``enqueued``; returns the rows sent (tasks and error rows)."""
-    sent = 0
+    sent = all_tasks = 0
     with app.producer_or_acquire() as producer:
         for batch in _batches(rows, BATCH_ROWS):
             pipe = r.pipeline()
@@ -72,9 +72,12 @@ def send_rows(
                         producer=producer,
                         argsrepr="()",
                         kwargsrepr=message.summary(),
+                        # The queue is declared with the first message; again per message is waste.
+                        declare=[] if all_tasks + tasks else None,
                     )
                     tasks += 1
             job.count_enqueued(pipe, tasks)
+            all_tasks += tasks
             pipe.execute()
             sent += len(batch)
     return sent
