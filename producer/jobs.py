@@ -215,8 +215,11 @@ class JobRecord:
             k.JOB_CANCELLED,
             k.JOB_STATE,
         ]
-        pairs = [value for item in codes_by_item.items() for value in item]
-        taken: list[bytes] = self.r.eval(_TAKE_FOR_RETRY, len(keys), *keys, *fields, *pairs)
+        items = list(codes_by_item.items())
+        taken: list[bytes] = []
+        for start in range(0, len(items), 1000):  # a bounded script: Redis serves nobody else meanwhile
+            pairs = [value for item in items[start : start + 1000] for value in item]
+            taken += self.r.eval(_TAKE_FOR_RETRY, len(keys), *keys, *fields, *pairs)
         return [item.decode() for item in taken]
 
     def pass_scratch_key(self) -> str:
