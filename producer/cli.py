@@ -18,12 +18,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from producer.broker import check_redis, redis_client
+from producer.broker import celery_app, check_redis, redis_client
 from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
-from producer.errors import ImageQAError
+from producer.errors import TRANSIENT, ErrorCode, ImageQAError
 from producer.jobs import JobRecord, JobStatus, job_status, list_jobs
 from producer.quarantine import QuarantineEntry, list_quarantined, quarantined_total
+from producer.retry import retry_job
 from producer.settings import ProducerSettings
 from producer.wait import wait_for_job
 
@@ -307,6 +308,10 @@ def describe(st: JobStatus) -> str:
         text += f"; verification agreement {st.agreement_rate:.0%}"
     if st.quarantined:
         text += f"; {st.quarantined} messages quarantined"
+    if st.resent:
+        text += f"; {st.resent} rows re-sent after they were lost in transit"
+    if st.retried:
+        text += f"; {st.retried} failed rows retried"
     return text + f" -> {st.output_path}"
 
 
@@ -359,6 +364,37 @@ def cancel(job: Annotated[str, typer.Argument(help="Job id.")]) -> None:
     if not JobRecord(redis_client(settings.redis_url), job).cancel():
         raise fail(ValueError(f"no job {job!r}"))
     console.print(f"job {job} cancelled; rows already done stay written")
+
+
+@app.command()
+def retry(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    codes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--code",
+            help="Retry the failed rows with this error code (repeatable; default: "
+            + ", ".join(sorted(map(str, TRANSIENT)))
+            + ").",
+        ),
+    ] = None,
+) -> None:
+    """Send a job's failed rows again: those that succeed move from the errors file to the output."""
+    settings = ProducerSettings()
+    try:
+        selected = [ErrorCode(code) for code in codes] if codes else TRANSIENT
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--code") from None
+    try:
+        check_redis(settings.redis_url)
+        app_ = celery_app(settings.redis_url, settings.visibility_timeout_s, name="imageqa-producer")
+        summary = retry_job(app_, redis_client(settings.redis_url), job, selected)
+    except ImageQAError as e:
+        raise fail(e) from None
+    by_code = ", ".join(f"{code} {n}" for code, n in sorted(summary.by_code.items()))
+    console.print(
+        f"job {job}: {summary.retried} failed rows sent again" + (f" ({by_code})" if by_code else "")
+    )
 
 
 @contextlib.contextmanager

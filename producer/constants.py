@@ -60,6 +60,10 @@ JOB_ENQUEUE_COMPLETE = "enqueue_complete"
 JOB_CANCELLED = "cancelled"
 """Job hash field: 1 once the job is cancelled; workers turn its remaining rows into error rows."""
 
+JOB_SOURCE = "source"
+"""Job hash field: how to read the input again (JSON: ``format``, ``media_base``, ``image_key``), so
+that lost rows can be re-sent and failed rows retried; absent for a job the collector adopted."""
+
 JOB_ON_DONE_TASK = "on_done_task"
 """Job hash field: Celery task sent with the job's figures when it finishes (optional)."""
 
@@ -84,6 +88,12 @@ JOB_QUARANTINED = "quarantined"
 JOB_DECLARED_TOTAL = "declared_total"
 """Job hash field: the number of rows an application that enqueues without registering the job
 declared (``job_total`` in its task messages); the job is done once that many are written."""
+
+JOB_RESENT = "resent"
+"""Job hash counter: rows the collector sent again after they were lost in transit (a stall)."""
+
+JOB_RETRIED = "retried"
+"""Job hash counter: failed rows taken back by ``imageqa retry``, over every retry."""
 
 JOB_FAILED_PREFIX = "failed:"
 """Job hash counters ``failed:<error code>``: failed rows by error code."""
@@ -113,6 +123,12 @@ def job_done_key(job_id: str) -> str:
 def job_attempts_key(job_id: str) -> str:
     """Hash: item id -> number of times a worker started it."""
     return f"{PREFIX}:job:{job_id}:attempts"
+
+
+def job_retrying_key(job_id: str) -> str:
+    """Set: item ids taken back by a retry whose new result the collector has not written yet (it
+    removes their old errors-file lines when it writes it)."""
+    return f"{PREFIX}:job:{job_id}:retrying"
 
 
 def job_writing_key(job_id: str) -> str:

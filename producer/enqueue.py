@@ -93,6 +93,7 @@ def enqueue_file(
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
     )
+    job.record_source(input_format=input_format, media_base=str(base), image_key=settings.image_key)
     app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-producer")
     ids = RedisItemIds(params.fingerprint(), r, job.pass_scratch_key())
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}

@@ -81,6 +81,20 @@ MEANINGS: dict[ErrorCode, str] = {
 }
 """One line per code: what it means."""
 
+TRANSIENT: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.IMAGE_FETCH_FAILED,
+        ErrorCode.ENGINE_ERROR,
+        ErrorCode.ENGINE_TIMEOUT,
+        ErrorCode.CANCELLED,
+        ErrorCode.REDIS_UNAVAILABLE,
+    }
+)
+"""Error rows that ``imageqa retry`` sends again by default: failures of a server, the network, the
+engine or the operator that a later try may not meet. Not ``poison_item`` (it crashed or hung
+workers, and would again), ``internal_error`` (a bug recurs), ``model_mismatch`` (fix the fleet,
+then name it with ``--code``), nor anything about the row or its image, which fails the same way."""
+
 
 class ImageQAError(Exception):
     """Base of every imageqa error; ``code`` is a stable `ErrorCode` for the errors file."""

@@ -23,7 +23,7 @@ from redis.typing import EncodableT, FieldT
 
 from producer import constants as k
 from producer.broker import queue_depth
-from producer.contract import ResultRecord
+from producer.contract import GenerationParams, ResultRecord
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class JobStatus:
     """Pair counters: ``pairs`` written, generation ``tries``, ``verified`` and ``agreed`` pairs."""
     quarantined: int = 0
     """Entries of this job put in the quarantine stream (`producer.quarantine`)."""
+    resent: int = 0
+    """Rows the collector sent again after they were lost in transit (`workers.stall`)."""
+    retried: int = 0
+    """Failed rows taken back by ``imageqa retry`` (`producer.retry`), over every retry."""
 
     @property
     def agreement_rate(self) -> float | None:
@@ -94,6 +98,19 @@ class JobConfig:
     output_key: str
     registered: bool
     """False for a job the collector adopted: only its results name its items."""
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """How to read a job's input again: what re-sending lost rows and retrying failed ones need."""
+
+    input_path: Path
+    input_format: str | None
+    """Reader name (``jsonl``, ...); None: by the file's suffix."""
+    media_base: Path
+    """Relative image paths resolve against this folder."""
+    image_key: str
+    params: GenerationParams
 
 
 SendTask = Callable[[str, str, dict[str, object]], None]
@@ -153,6 +170,62 @@ class JobRecord:
         pipe.zadd(k.JOBS_INDEX, {self.job_id: now}, nx=True)
         pipe.execute()
 
+    def record_source(self, *, input_format: str | None, media_base: str, image_key: str) -> None:
+        """Records how the input was read (see `source`), beside the input path `register` recorded."""
+        source = {"format": input_format, "media_base": media_base, "image_key": image_key}
+        self.r.hset(self.key, k.JOB_SOURCE, orjson.dumps(source))
+
+    def source(self) -> JobSource | None:
+        """How to read the job's input again; None for a job the collector adopted (no input, no
+        parameters recorded). A job registered before the source was recorded reads its input by
+        suffix, relative images from the input's folder, under the key ``image``."""
+        raw: list[bytes | None] = self.r.hmget(self.key, [k.JOB_INPUT_PATH, k.JOB_PARAMS, k.JOB_SOURCE])  # type: ignore[assignment]
+        input_path, params, source = raw
+        if input_path is None or params is None:
+            return None
+        path = Path(input_path.decode())
+        fields = orjson.loads(source) if source else {}
+        return JobSource(
+            input_path=path,
+            input_format=fields.get("format"),
+            media_base=Path(fields.get("media_base") or (path if path.is_dir() else path.parent)),
+            image_key=fields.get("image_key") or "image",
+            params=GenerationParams.model_validate_json(params),
+        )
+
+    def count_resent(self, rows: int) -> None:
+        """Counts ``rows`` more rows sent again after they were lost in transit."""
+        self.r.hincrby(self.key, k.JOB_RESENT, rows)
+
+    def take_for_retry(self, codes_by_item: Mapping[str, str]) -> list[str]:
+        """Takes failed rows back for a retry, atomically: each item of ``codes_by_item`` (item id ->
+        the error code of its errors-file line) that is done and not already being retried leaves the
+        done set and joins the retrying set; ``failed`` and ``failed:<code>`` drop by one, its
+        restart count is forgotten and ``retried`` grows. A finished job is reopened (and a cancelled
+        one no longer cancelled). Returns the item ids taken, which the caller must send again."""
+        if not codes_by_item:
+            return []
+        keys = [
+            self.key,
+            k.job_done_key(self.job_id),
+            k.job_retrying_key(self.job_id),
+            k.job_attempts_key(self.job_id),
+        ]
+        fields = [
+            k.JOB_FAILED,
+            k.JOB_FAILED_PREFIX,
+            k.JOB_RETRIED,
+            k.JOB_FINISHED_AT,
+            k.JOB_CANCELLED,
+            k.JOB_STATE,
+        ]
+        items = list(codes_by_item.items())
+        taken: list[bytes] = []
+        for start in range(0, len(items), 1000):  # a bounded script: Redis serves nobody else meanwhile
+            pairs = [value for item in items[start : start + 1000] for value in item]
+            taken += self.r.eval(_TAKE_FOR_RETRY, len(keys), *keys, *fields, *pairs)
+        return [item.decode() for item in taken]
+
     def pass_scratch_key(self) -> str:
         """A fresh prefix for the scratch keys of one enqueue pass (the row digests it has seen)."""
         return k.job_pass_key(self.job_id, uuid.uuid4().hex)
@@ -164,6 +237,10 @@ class JobRecord:
     def done_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: whether each of ``item_ids`` is already written (a list of 0 and 1)."""
         pipe.smismember(k.job_done_key(self.job_id), list(item_ids))
+
+    def item_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
+        """Adds to ``pipe``: whether each of ``item_ids`` is one of the job's items (a list of 0 and 1)."""
+        pipe.smismember(k.job_items_key(self.job_id), list(item_ids))
 
     def count_enqueued(self, pipe: redis.client.Pipeline, tasks: int) -> None:
         """Adds to ``pipe``: ``tasks`` more tasks were sent."""
@@ -193,13 +270,14 @@ class JobRecord:
             k.job_items_key(self.job_id),
             k.job_done_key(self.job_id),
             k.job_attempts_key(self.job_id),
+            k.job_retrying_key(self.job_id),
         )
 
-    def lost_in_transit(self, status: JobStatus) -> bool:
+    def lost_in_transit(self, status: JobStatus, broker: Celery | str | None = None) -> bool:
         """True when the job (last read as ``status``) was fully enqueued but is not done, while
         nothing is queued, running or uncollected: the missing rows' tasks were lost in transit (see
         `nothing_in_flight`), and enqueueing the same input again sends exactly those rows."""
-        if not status.enqueue_complete or status.finished or not nothing_in_flight(self.r):
+        if not status.enqueue_complete or status.finished or not nothing_in_flight(self.r, broker):
             return False
         # The collector may have finished the job since ``status`` was read.
         return not self.r.hexists(self.key, k.JOB_FINISHED_AT)
@@ -274,6 +352,15 @@ class JobRecord:
         pipe.hsetnx(self.key, k.JOB_DECLARED_TOTAL, total)
         pipe.hset(self.key, k.JOB_ENQUEUE_COMPLETE, 1)
 
+    def retrying_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
+        """Adds to ``pipe``: whether each of ``item_ids`` was taken back by a retry (a list of 0 and 1),
+        so that its old errors-file line goes when its new result is written."""
+        pipe.smismember(k.job_retrying_key(self.job_id), list(item_ids))
+
+    def clear_retrying(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
+        """Adds to ``pipe``: the retries of ``item_ids`` are written."""
+        pipe.srem(k.job_retrying_key(self.job_id), *item_ids)
+
     def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
         """Marks the job done when enqueueing is over and every item is written (as many as the
         declared total, if there is one: `declare_total`); True if it is done.
@@ -308,6 +395,35 @@ class JobRecord:
             if callback[0] and send_task is not None:
                 send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
         return True
+
+
+_TAKE_FOR_RETRY = """
+local job, done, retrying, attempts = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local failed, failed_prefix, retried, finished_at, cancelled, state = unpack(ARGV, 1, 6)
+local taken = {}
+for i = 7, #ARGV, 2 do
+  local item, code = ARGV[i], ARGV[i + 1]
+  if redis.call('SISMEMBER', retrying, item) == 0 and redis.call('SREM', done, item) == 1 then
+    redis.call('SADD', retrying, item)
+    redis.call('HINCRBY', job, failed, -1)
+    if redis.call('HINCRBY', job, failed_prefix .. code, -1) <= 0 then
+      redis.call('HDEL', job, failed_prefix .. code)
+    end
+    redis.call('HDEL', attempts, item)
+    taken[#taken + 1] = item
+  end
+end
+if #taken > 0 then
+  redis.call('HINCRBY', job, retried, #taken)
+  redis.call('HDEL', job, finished_at, cancelled)
+  if redis.call('HGET', job, state) ~= 'enqueuing' then
+    redis.call('HSET', job, state, 'running')
+  end
+end
+return taken
+"""
+"""Lua for `JobRecord.take_for_retry`: KEYS job hash, done set, retrying set, restart counts; ARGV the
+hash's field names, then item id, error code pairs."""
 
 
 def job_file_stem(job_id: str) -> str:
@@ -376,6 +492,8 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         rejected=_prefixed(h, k.JOB_REJECTED_PREFIX),
         qa=_prefixed(h, k.JOB_QA_PREFIX),
         quarantined=int(h.get(k.JOB_QUARANTINED, 0)),
+        resent=int(h.get(k.JOB_RESENT, 0)),
+        retried=int(h.get(k.JOB_RETRIED, 0)),
     )
 
 

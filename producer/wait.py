@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from celery import Celery
 
 from producer.errors import ImageQAError
 from producer.jobs import JobRecord, JobStatus, job_status
@@ -27,6 +28,7 @@ def wait_for_job(
     alive: Callable[[], bool] | None = None,
     resend: Callable[[JobStatus], object] | None = None,
     resend_after_s: float = 10.0,
+    broker: Celery | str | None = None,
 ) -> JobStatus:
     """Polls the job every ``poll_s`` until it is finished (done or cancelled) and returns its status.
 
@@ -37,7 +39,8 @@ def wait_for_job(
 
     ``resend`` is the delivery guarantee's last step: it is called with the status when the job has
     lost rows in transit (`JobRecord.lost_in_transit`) for ``resend_after_s`` in a row, and should
-    enqueue the same input again, which sends exactly the missing rows.
+    enqueue the same input again, which sends exactly the missing rows. ``broker`` is the tasks'
+    broker (a Celery app or URL) when it is not the Redis of ``r``.
     """
     job = JobRecord(r, job_id)
     started = last_change = time.monotonic()
@@ -55,7 +58,7 @@ def wait_for_job(
         if alive is not None and not alive():
             raise ImageQAError("the worker stopped before the job was done")
         now = time.monotonic()
-        if resend is not None and job.lost_in_transit(st):
+        if resend is not None and job.lost_in_transit(st, broker):
             lost_since = lost_since or now
             if now - lost_since > resend_after_s:
                 resend(st)

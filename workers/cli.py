@@ -152,6 +152,7 @@ def run(
                         alive=cluster.worker_alive,
                         stall_timeout_s=stall_timeout_s or None,
                         resend=resend,
+                        broker=cluster.broker,
                     )
             except ImageQAError as e:
                 raise ImageQAError(

@@ -35,8 +35,9 @@ from producer.errors import ContractError
 from producer.jobs import JobConfig, JobRecord
 from producer.quarantine import quarantine, recover_job_id
 from producer.results import FIELD
-from workers import metrics
+from workers import metrics, retried
 from workers.settings import CollectorSettings
+from workers.stall import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class _JobBatch:
     failed: list[ResultRecord] = field(default_factory=list)
     declared_total: int | None = None
     """The ``job_total`` the batch's records carry, for a job no producer registered."""
+    retried: list[str] = field(default_factory=list)
+    """Items a retry took back: their old errors-file lines go before this batch is appended."""
 
 
 class Collector:
@@ -62,6 +65,10 @@ class Collector:
         self._last_claim = 0.0
         self._last_observe = 0.0
         self._celery: Any = None
+        self._celery_lock = threading.Lock()
+        self.stall = StallWatch(
+            self.r, self._celery_app, check_s=settings.stall_check_s, grace_s=settings.stall_grace_s
+        )
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -74,6 +81,7 @@ class Collector:
                     self.step(block_ms=self.settings.block_ms)
                     self.maybe_claim()
                     self.maybe_observe()
+                    self.stall.maybe_check()
                     backoff.reset()
             except RETRYABLE as e:
                 backoff.wait(e)
@@ -81,6 +89,7 @@ class Collector:
                 if "NOGROUP" not in str(e):
                     raise
                 log.warning("results stream or group vanished (Redis lost its data?); recreating it")
+        self.stall.stop.set()
 
     def start(self) -> None:
         """Creates the group, undoes interrupted writes, then handles this consumer's pending entries."""
@@ -208,6 +217,7 @@ class Collector:
         self._select_fresh(batches)
         writing = {job_id: b for job_id, b in batches.items() if b.ok or b.failed}
         self._mark(writing)
+        self._drop_retried(writing)
         for batch in writing.values():
             _append(Path(batch.config.output_path), batch.ok)
             _append(Path(batch.config.errors_path), [orjson.dumps(error_row(rec)) for rec in batch.failed])
@@ -222,11 +232,15 @@ class Collector:
                 self._configs.pop(job_id, None)
 
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
-        if self._celery is None:
-            self._celery = celery_app(
-                self.settings.broker, self.settings.visibility_timeout_s, "imageqa-collector"
-            )
-        task_sender(self._celery)(name, queue, kwargs)
+        task_sender(self._celery_app())(name, queue, kwargs)
+
+    def _celery_app(self) -> Any:
+        with self._celery_lock:  # the stall watch's threads send tasks too
+            if self._celery is None:
+                self._celery = celery_app(
+                    self.settings.broker, self.settings.visibility_timeout_s, "imageqa-collector"
+                )
+            return self._celery
 
     def _select_fresh(self, batches: dict[str, _JobBatch]) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -276,6 +290,8 @@ class Collector:
         for batch in writing.values():
             batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
             batch.job.clear_write_marker(pipe)
+            if batch.retried:
+                batch.job.clear_retrying(pipe, batch.retried)
         for batch in batches.values():
             if batch.declared_total:
                 batch.job.declare_total(pipe, batch.declared_total)
@@ -283,6 +299,19 @@ class Collector:
             quarantine_entry(pipe, entry_id, fields, error, self.settings.consumer)
         pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
         pipe.execute()
+
+    def _drop_retried(self, writing: dict[str, _JobBatch]) -> None:
+        """Removes the old errors-file lines of retried rows, then records the rewritten file's size in
+        the write marker before anything is appended (see `workers.retried`)."""
+        batches = list(writing.values())
+        found = retried.retried_items(self.r, [(b.job, list(b.records)) for b in batches])
+        for batch, items in zip(batches, found, strict=True):
+            if items:
+                batch.retried = items
+                size = retried.drop_lines(Path(batch.config.errors_path), items)
+                pipe = self.r.pipeline(transaction=False)
+                batch.job.mark_writing(pipe, {"errors_size": size})
+                pipe.execute()
 
     def _config(self, job: JobRecord) -> JobConfig:
         if job.job_id not in self._configs:

@@ -65,6 +65,11 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def broker(self) -> str:
+        """The tasks' broker: ``IMAGEQA_BROKER_URL``, else this cluster's Redis."""
+        return self.settings.producer.model_copy(update={"redis_url": self.redis_url}).broker
+
     def enqueue(
         self, input_path: Path, output: Path, params: GenerationParams, input_format: str | None = None
     ) -> EnqueueSummary:

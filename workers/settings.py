@@ -192,6 +192,11 @@ class CollectorSettings(RedisSettings):
     """Entries another collector read but left unacked this long are taken over (it is presumed dead)."""
     output_dir: Path = Path("imageqa-output")
     """Where jobs that no producer registered (tasks sent by other applications) are written."""
+    stall_check_s: float = 10.0
+    """How often the collector looks for jobs that lost rows in transit (0: never; see `workers.stall`)."""
+    stall_grace_s: float = 30.0
+    """A job is stalled once seen lost in transit, without progress, at two checks this far apart;
+    its missing rows are then sent again from its input."""
 
 
 class RunSettings(_Settings):

@@ -1,0 +1,126 @@
+"""Sending a job's rows again from its recorded input: the rows lost in transit (a stalled job, see
+`workers.stall`) and the failed rows a retry takes back (`producer.retry`).
+
+Both read what `enqueue_file` recorded about the job (`JobRecord.source`); a job the collector
+adopted (tasks sent by another application) has no recorded input, and its rows cannot be re-sent
+from here: the application that sent them must send them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
+from itertools import islice
+from typing import TypeVar
+
+import redis
+from celery import Celery
+
+from producer import constants as k
+from producer.enqueue import _message, _rejected
+from producer.errors import ImageQAError, InputError
+from producer.inputs import RawRow, RedisItemIds, read_rows
+from producer.jobs import JobRecord, JobSource
+from producer.results import publish
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 500
+"""Rows read, checked against the job's sets and sent per Redis round trip."""
+
+T = TypeVar("T")
+
+
+def job_source(job: JobRecord) -> JobSource:
+    """The job's recorded input; raises `ImageQAError` for a job the collector adopted."""
+    source = job.source()
+    if source is None:
+        raise ImageQAError(
+            f"job {job.job_id} was not enqueued by imageqa (another application sent its tasks): "
+            "its input and parameters are unknown, so its rows can only be sent again by that application"
+        )
+    return source
+
+
+def send_rows(
+    app: Celery, r: redis.Redis, job: JobRecord, source: JobSource, rows: Iterable[tuple[RawRow, str]]
+) -> int:
+    """Sends one ``imageqa.generate`` task per (row, item id), as `enqueue_file` does, in batches of
+    `BATCH_ROWS`; a row that cannot become a task goes to the collector as an error row. Counts the
+    tasks in the job's ``enqueued``; returns the rows sent (tasks and error rows)."""
+    sent = all_tasks = 0
+    with app.producer_or_acquire() as producer:
+        for batch in _batches(rows, BATCH_ROWS):
+            pipe = r.pipeline()
+            tasks = 0
+            with producer.batch(max_size=len(batch) + 1):
+                for raw, item_id in batch:
+                    try:
+                        message = _message(
+                            raw, item_id, job.job_id, source.params, source.image_key, source.media_base
+                        )
+                    except InputError as e:
+                        publish(pipe, _rejected(raw, item_id, job.job_id, e))
+                        continue
+                    app.send_task(
+                        k.TASK_GENERATE,
+                        kwargs=message.model_dump(mode="json"),
+                        queue=k.QUEUE_GENERATE,
+                        task_id=f"{job.job_id}:{item_id}",
+                        producer=producer,
+                        argsrepr="()",
+                        kwargsrepr=message.summary(),
+                        # The queue is declared with the first message; again per message is waste.
+                        declare=[] if all_tasks + tasks else None,
+                    )
+                    tasks += 1
+            job.count_enqueued(pipe, tasks)
+            all_tasks += tasks
+            pipe.execute()
+            sent += len(batch)
+    return sent
+
+
+def resend_missing(app: Celery, r: redis.Redis, job_id: str, stop: threading.Event | None = None) -> int:
+    """Sends again the rows of the job that are neither written nor in flight; returns how many.
+
+    Call it only while `JobRecord.lost_in_transit` holds: that is how "not in flight" is known, since
+    Redis cannot tell cheaply which job a queued or unacknowledged message belongs to. Reads the
+    job's input again (the caller must see the same path), computes the item ids as `enqueue_file`
+    did and sends the rows of the job's item set missing from its done set. Counts them in the job's
+    ``resent``. Stops between batches once ``stop`` is set (the rest stays missing and is found again).
+    """
+    job = JobRecord(r, job_id)
+    source = job_source(job)
+    ids = RedisItemIds(source.params.fingerprint(), r, job.pass_scratch_key())
+
+    def missing() -> Iterator[tuple[RawRow, str]]:
+        for batch in _batches(read_rows(source.input_path, source.input_format), BATCH_ROWS):
+            if stop is not None and stop.is_set():
+                return
+            item_ids = ids.next_ids([raw.row for raw in batch])
+            pipe = r.pipeline(transaction=False)
+            job.item_flags(pipe, item_ids)
+            job.done_flags(pipe, item_ids)
+            belongs, done = pipe.execute()
+            for raw, item_id, mine, written in zip(batch, item_ids, belongs, done, strict=True):
+                # An item outside the item set is a row added to the input since: not this job's.
+                if mine and not written:
+                    yield raw, item_id
+
+    try:
+        sent = send_rows(app, r, job, source, missing())
+    finally:
+        with suppress(redis.RedisError):
+            ids.close()
+    if sent:
+        job.count_resent(sent)
+    return sent
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
