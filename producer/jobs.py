@@ -291,6 +291,10 @@ class JobRecord:
     def is_cancelled(self) -> bool:
         return self.r.hget(self.key, k.JOB_CANCELLED) == b"1"
 
+    def starts_counted(self, item_id: str) -> int:
+        """How many starts of ``item_id`` were counted so far (see `count_start`)."""
+        return int(self.r.hget(k.job_attempts_key(self.job_id), item_id) or 0)
+
     def count_start(self, item_id: str) -> int:
         """Counts one more start of ``item_id`` by a worker; returns how many were counted."""
         return int(self.r.hincrby(k.job_attempts_key(self.job_id), item_id, 1))

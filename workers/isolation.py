@@ -1,9 +1,12 @@
-"""Running redelivered items alone, so a crash is blamed on the item that causes it.
+"""Running suspects alone, so a crash is blamed on the item that causes it.
 
 A worker crash takes every in-flight task with it. When the messages come back (Kombu marks them
-redelivered), each is a suspect: it runs alone (no other request in the engine), and only starts that
-happen count as attempts. So the item that crashes the worker reaches the attempt limit, and the
-innocent items that shared its first crash finish normally on their isolated retry.
+redelivered), each is a suspect, and every start of a suspect counts as an attempt. Its starts
+before the last allowed one (``IMAGEQA_MAX_ATTEMPTS``) run beside the others: nearly every crash is
+a preempted or killed worker, whose tasks should come back at full speed. The last allowed start runs
+alone (no other request in the engine), so only an item that crashes a worker by itself reaches the
+limit and becomes a ``poison_item``, and the innocent items that shared its crashes finish on their
+isolated start.
 """
 
 from __future__ import annotations

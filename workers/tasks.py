@@ -99,11 +99,14 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
         with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
         return
     if redelivered:
-        # It may be the item that crashed the last worker: run it alone (see isolation.py). Its first
-        # start is not recorded (that would cost every task a round trip); later starts are, once
-        # they really start, so items waiting their turn behind a crashing one are not charged.
+        # It may be the item that crashed the last worker (see isolation.py): its last allowed start
+        # runs alone, earlier ones beside the others, so a preempted worker's tasks come back at full
+        # speed. Its first start is not recorded (that would cost every task a round trip); later
+        # starts are, once they really start, so items waiting behind a suspect are not charged.
         job = JobRecord(results_client(), message.job_id)
-        with _gate.alone():
+        counted = with_redis_retry(lambda: job.starts_counted(message.item_id), PUBLISH_RETRY_S)
+        last_try = 2 + counted == worker_settings().max_attempts
+        with _gate.alone() if last_try else _gate.normal():
             restarts = with_redis_retry(lambda: job.count_start(message.item_id), PUBLISH_RETRY_S)
             record = _run(message, 1 + restarts)
     else:
