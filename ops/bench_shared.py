@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ops.benchlib import private_redis, proc_cpu_s, put_results  # noqa: E402
-from producer import constants as k  # noqa: E402
 from producer.broker import redis_client  # noqa: E402
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE  # noqa: E402
 from producer.contract import GenerationParams  # noqa: E402
 from producer.enqueue import enqueue_file  # noqa: E402
 from producer.jobs import job_status  # noqa: E402
@@ -56,7 +56,7 @@ def bench_enqueue(url: str, folder: Path, rows: int, image: Path) -> dict[str, f
     started = time.perf_counter()
     summary = enqueue_file(source, folder / "enqueue-out.jsonl", settings=settings, params=GenerationParams())
     elapsed = time.perf_counter() - started
-    queued = redis_client(url).llen(k.QUEUE_GENERATE)
+    queued = redis_client(url).llen(QUEUE_GENERATE)
     assert summary.enqueued == rows == queued, (summary, queued)
     redis_client(url).flushdb()
     return {"rows": rows, "seconds": elapsed, "rate": rows / elapsed}
@@ -175,7 +175,7 @@ def bench_celery_floor(url: str, folder: Path, rows: int, concurrency: int) -> d
             settings=ProducerSettings(redis_url=url),
             params=GenerationParams(),
         )
-        while r.llen(k.QUEUE_GENERATE) or r.hlen("unacked"):
+        while r.llen(QUEUE_GENERATE) or r.hlen("unacked"):
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
         cpu = proc_cpu_s(proc.pid) - cpu_before
@@ -192,7 +192,7 @@ def floor_child(url: str, concurrency: int) -> None:
 
     app = celery_app(url, DEFAULT_VISIBILITY_TIMEOUT_S, name="imageqa-floor")
 
-    @app.task(name=k.TASK_GENERATE, acks_late=True, ignore_result=True)
+    @app.task(name=TASK_GENERATE, acks_late=True, ignore_result=True)
     def generate(**kwargs: object) -> None:
         return None
 
@@ -204,7 +204,7 @@ def floor_child(url: str, concurrency: int) -> None:
             "--concurrency",
             str(concurrency),
             "--queues",
-            k.QUEUE_GENERATE,
+            QUEUE_GENERATE,
             "--loglevel",
             "INFO",
             "--without-gossip",

@@ -15,8 +15,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from producer import constants as k
 from producer.broker import celery_app, check_redis, queue_depth, redis_client, task_sender
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.contract import (
     MAX_ROW_BYTES,
     ErrorInfo,
@@ -121,9 +121,9 @@ def enqueue_file(
                             publish(pipe, _rejected(raw, item_id, job_id, e))
                             continue
                         app.send_task(
-                            k.TASK_GENERATE,
+                            TASK_GENERATE,
                             kwargs=message.model_dump(mode="json"),
-                            queue=k.QUEUE_GENERATE,
+                            queue=QUEUE_GENERATE,
                             task_id=f"{job_id}:{item_id}",
                             producer=producer,
                             argsrepr="()",

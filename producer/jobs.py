@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from redis.typing import EncodableT, FieldT
 
-from producer import constants as k
+from producer import constants
 from producer.broker import queue_depth
 from producer.contract import GenerationParams, ResultRecord
 
@@ -130,7 +130,7 @@ class JobRecord:
     def __init__(self, r: redis.Redis, job_id: str) -> None:
         self.r = r
         self.job_id = job_id
-        self.key = k.job_key(job_id)
+        self.key = constants.job_key(job_id)
 
     # --- the producer --------------------------------------------------------------------------
 
@@ -148,38 +148,43 @@ class JobRecord:
         """Creates the job, or reopens it for another enqueue pass over the same input."""
         now = time.time()
         pipe = self.r.pipeline()
-        pipe.hsetnx(self.key, k.JOB_CREATED_AT, now)
+        pipe.hsetnx(self.key, constants.JOB_CREATED_AT, now)
         pipe.hset(
             self.key,
             mapping={
-                k.JOB_STATE: "enqueuing",
-                k.JOB_OUTPUT_PATH: output_path,
-                k.JOB_ERRORS_PATH: errors_path,
-                k.JOB_OUTPUT_KEY: output_key,
-                k.JOB_INPUT_PATH: input_path,
-                k.JOB_PARAMS: params_json,
-                k.JOB_ENQUEUE_COMPLETE: 0,
+                constants.JOB_STATE: "enqueuing",
+                constants.JOB_OUTPUT_PATH: output_path,
+                constants.JOB_ERRORS_PATH: errors_path,
+                constants.JOB_OUTPUT_KEY: output_key,
+                constants.JOB_INPUT_PATH: input_path,
+                constants.JOB_PARAMS: params_json,
+                constants.JOB_ENQUEUE_COMPLETE: 0,
             },
         )
-        pipe.hdel(self.key, k.JOB_FINISHED_AT, k.JOB_CANCELLED)
+        pipe.hdel(self.key, constants.JOB_FINISHED_AT, constants.JOB_CANCELLED)
         if on_done_task:
             pipe.hset(
                 self.key,
-                mapping={k.JOB_ON_DONE_TASK: on_done_task, k.JOB_ON_DONE_QUEUE: on_done_queue or "celery"},
+                mapping={
+                    constants.JOB_ON_DONE_TASK: on_done_task,
+                    constants.JOB_ON_DONE_QUEUE: on_done_queue or "celery",
+                },
             )
-        pipe.zadd(k.JOBS_INDEX, {self.job_id: now}, nx=True)
+        pipe.zadd(constants.JOBS_INDEX, {self.job_id: now}, nx=True)
         pipe.execute()
 
     def record_source(self, *, input_format: str | None, media_base: str, image_key: str) -> None:
         """Records how the input was read (see `source`), beside the input path `register` recorded."""
         source = {"format": input_format, "media_base": media_base, "image_key": image_key}
-        self.r.hset(self.key, k.JOB_SOURCE, orjson.dumps(source))
+        self.r.hset(self.key, constants.JOB_SOURCE, orjson.dumps(source))
 
     def source(self) -> JobSource | None:
         """How to read the job's input again; None for a job the collector adopted (no input, no
         parameters recorded). A job registered before the source was recorded reads its input by
         suffix, relative images from the input's folder, under the key ``image``."""
-        raw: list[bytes | None] = self.r.hmget(self.key, [k.JOB_INPUT_PATH, k.JOB_PARAMS, k.JOB_SOURCE])  # type: ignore[assignment]
+        raw: list[bytes | None] = self.r.hmget(
+            self.key, [constants.JOB_INPUT_PATH, constants.JOB_PARAMS, constants.JOB_SOURCE]
+        )  # type: ignore[assignment]
         input_path, params, source = raw
         if input_path is None or params is None:
             return None
@@ -195,7 +200,7 @@ class JobRecord:
 
     def count_resent(self, rows: int) -> None:
         """Counts ``rows`` more rows sent again after they were lost in transit."""
-        self.r.hincrby(self.key, k.JOB_RESENT, rows)
+        self.r.hincrby(self.key, constants.JOB_RESENT, rows)
 
     def take_for_retry(self, codes_by_item: Mapping[str, str]) -> list[str]:
         """Takes failed rows back for a retry, atomically: each item of ``codes_by_item`` (item id ->
@@ -207,17 +212,17 @@ class JobRecord:
             return []
         keys = [
             self.key,
-            k.job_done_key(self.job_id),
-            k.job_retrying_key(self.job_id),
-            k.job_attempts_key(self.job_id),
+            constants.job_done_key(self.job_id),
+            constants.job_retrying_key(self.job_id),
+            constants.job_attempts_key(self.job_id),
         ]
         fields = [
-            k.JOB_FAILED,
-            k.JOB_FAILED_PREFIX,
-            k.JOB_RETRIED,
-            k.JOB_FINISHED_AT,
-            k.JOB_CANCELLED,
-            k.JOB_STATE,
+            constants.JOB_FAILED,
+            constants.JOB_FAILED_PREFIX,
+            constants.JOB_RETRIED,
+            constants.JOB_FINISHED_AT,
+            constants.JOB_CANCELLED,
+            constants.JOB_STATE,
         ]
         items = list(codes_by_item.items())
         taken: list[bytes] = []
@@ -228,30 +233,30 @@ class JobRecord:
 
     def pass_scratch_key(self) -> str:
         """A fresh prefix for the scratch keys of one enqueue pass (the row digests it has seen)."""
-        return k.job_pass_key(self.job_id, uuid.uuid4().hex)
+        return constants.job_pass_key(self.job_id, uuid.uuid4().hex)
 
     def add_items(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: record ``item_ids`` as the job's items."""
-        pipe.sadd(k.job_items_key(self.job_id), *item_ids)
+        pipe.sadd(constants.job_items_key(self.job_id), *item_ids)
 
     def done_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: whether each of ``item_ids`` is already written (a list of 0 and 1)."""
-        pipe.smismember(k.job_done_key(self.job_id), list(item_ids))
+        pipe.smismember(constants.job_done_key(self.job_id), list(item_ids))
 
     def item_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: whether each of ``item_ids`` is one of the job's items (a list of 0 and 1)."""
-        pipe.smismember(k.job_items_key(self.job_id), list(item_ids))
+        pipe.smismember(constants.job_items_key(self.job_id), list(item_ids))
 
     def count_enqueued(self, pipe: redis.client.Pipeline, tasks: int) -> None:
         """Adds to ``pipe``: ``tasks`` more tasks were sent."""
-        pipe.hincrby(self.key, k.JOB_ENQUEUED, tasks)
+        pipe.hincrby(self.key, constants.JOB_ENQUEUED, tasks)
 
     def close_enqueue(self, skipped: int) -> None:
         """An enqueue pass sent every row (``skipped`` of them were already written): the job can
         finish once the collector has written the rest."""
         pipe = self.r.pipeline()
-        pipe.hincrby(self.key, k.JOB_SKIPPED, skipped)
-        pipe.hset(self.key, mapping={k.JOB_ENQUEUE_COMPLETE: 1, k.JOB_STATE: "running"})
+        pipe.hincrby(self.key, constants.JOB_SKIPPED, skipped)
+        pipe.hset(self.key, mapping={constants.JOB_ENQUEUE_COMPLETE: 1, constants.JOB_STATE: "running"})
         pipe.execute()
 
     def cancel(self) -> bool:
@@ -259,7 +264,7 @@ class JobRecord:
         False if there is no such job."""
         if not self.r.exists(self.key):
             return False
-        self.r.hset(self.key, mapping={k.JOB_STATE: "cancelled", k.JOB_CANCELLED: 1})
+        self.r.hset(self.key, mapping={constants.JOB_STATE: "cancelled", constants.JOB_CANCELLED: 1})
         return True
 
     def reset(self) -> None:
@@ -267,10 +272,10 @@ class JobRecord:
         starts it afresh (for output files that are gone)."""
         self.r.delete(
             self.key,
-            k.job_items_key(self.job_id),
-            k.job_done_key(self.job_id),
-            k.job_attempts_key(self.job_id),
-            k.job_retrying_key(self.job_id),
+            constants.job_items_key(self.job_id),
+            constants.job_done_key(self.job_id),
+            constants.job_attempts_key(self.job_id),
+            constants.job_retrying_key(self.job_id),
         )
 
     def lost_in_transit(self, status: JobStatus, broker: Celery | str | None = None) -> bool:
@@ -280,24 +285,24 @@ class JobRecord:
         if not status.enqueue_complete or status.finished or not nothing_in_flight(self.r, broker):
             return False
         # The collector may have finished the job since ``status`` was read.
-        return not self.r.hexists(self.key, k.JOB_FINISHED_AT)
+        return not self.r.hexists(self.key, constants.JOB_FINISHED_AT)
 
     # --- the workers ---------------------------------------------------------------------------
 
     def count_quarantined(self, pipe: redis.client.Pipeline) -> None:
         """Adds to ``pipe``: one more entry of this job went to the quarantine stream."""
-        pipe.hincrby(self.key, k.JOB_QUARANTINED, 1)
+        pipe.hincrby(self.key, constants.JOB_QUARANTINED, 1)
 
     def is_cancelled(self) -> bool:
-        return self.r.hget(self.key, k.JOB_CANCELLED) == b"1"
+        return self.r.hget(self.key, constants.JOB_CANCELLED) == b"1"
 
     def starts_counted(self, item_id: str) -> int:
         """How many starts of ``item_id`` were counted so far (see `count_start`)."""
-        return int(self.r.hget(k.job_attempts_key(self.job_id), item_id) or 0)
+        return int(self.r.hget(constants.job_attempts_key(self.job_id), item_id) or 0)
 
     def count_start(self, item_id: str) -> int:
         """Counts one more start of ``item_id`` by a worker; returns how many were counted."""
-        return int(self.r.hincrby(k.job_attempts_key(self.job_id), item_id, 1))
+        return int(self.r.hincrby(constants.job_attempts_key(self.job_id), item_id, 1))
 
     # --- the collector -------------------------------------------------------------------------
 
@@ -311,16 +316,16 @@ class JobRecord:
         `job_file_stem` for ids that are not plain file names)."""
         safe = job_file_stem(self.job_id)
         fields = {
-            k.JOB_STATE: "running",
-            k.JOB_OUTPUT_PATH: str(output_dir / f"{safe}.jsonl"),
-            k.JOB_ERRORS_PATH: str(output_dir / f"{safe}.errors.jsonl"),
-            k.JOB_OUTPUT_KEY: "qa_pairs",
-            k.JOB_CREATED_AT: str(time.time()),
+            constants.JOB_STATE: "running",
+            constants.JOB_OUTPUT_PATH: str(output_dir / f"{safe}.jsonl"),
+            constants.JOB_ERRORS_PATH: str(output_dir / f"{safe}.errors.jsonl"),
+            constants.JOB_OUTPUT_KEY: "qa_pairs",
+            constants.JOB_CREATED_AT: str(time.time()),
         }
         pipe = self.r.pipeline()
         for key, value in fields.items():
             pipe.hsetnx(self.key, key, value)
-        pipe.zadd(k.JOBS_INDEX, {self.job_id: time.time()}, nx=True)
+        pipe.zadd(constants.JOBS_INDEX, {self.job_id: time.time()}, nx=True)
         pipe.execute()
         config = self.config() or _config(fields)
         assert config is not None
@@ -328,11 +333,11 @@ class JobRecord:
 
     def mark_writing(self, pipe: redis.client.Pipeline, marker: Mapping[FieldT, EncodableT]) -> None:
         """Adds to ``pipe``: set the collector's write marker (what to undo if the write is torn)."""
-        pipe.hset(k.job_writing_key(self.job_id), mapping=marker)
+        pipe.hset(constants.job_writing_key(self.job_id), mapping=marker)
 
     def clear_write_marker(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Deletes the write marker, or adds that to ``pipe``."""
-        (pipe if pipe is not None else self.r).delete(k.job_writing_key(self.job_id))
+        (pipe if pipe is not None else self.r).delete(constants.job_writing_key(self.job_id))
 
     def record_results(
         self, pipe: redis.client.Pipeline, records: Collection[ResultRecord], *, new_items: bool
@@ -340,12 +345,12 @@ class JobRecord:
         """Adds to ``pipe``: ``records`` are written (to the output or the errors file). Puts them in
         the done set (and in the item set if ``new_items``: an adopted job) and counts them: rows
         written and failed, failures by error code, pairs kept and rejected by reason."""
-        pipe.sadd(k.job_done_key(self.job_id), *[rec.item_id for rec in records])
+        pipe.sadd(constants.job_done_key(self.job_id), *[rec.item_id for rec in records])
         if new_items:
-            pipe.sadd(k.job_items_key(self.job_id), *[rec.item_id for rec in records])
+            pipe.sadd(constants.job_items_key(self.job_id), *[rec.item_id for rec in records])
         failed = sum(1 for rec in records if not rec.ok)
-        pipe.hincrby(self.key, k.JOB_WRITTEN, len(records) - failed)
-        pipe.hincrby(self.key, k.JOB_FAILED, failed)
+        pipe.hincrby(self.key, constants.JOB_WRITTEN, len(records) - failed)
+        pipe.hincrby(self.key, constants.JOB_FAILED, failed)
         for name, count in _counters(records).items():
             pipe.hincrby(self.key, name, count)
 
@@ -353,17 +358,17 @@ class JobRecord:
         """Adds to ``pipe``: an application that enqueues without registering the job says it has
         ``total`` rows, so the job is done once that many distinct items are written. The first
         declaration stands; it also closes the enqueue, as `close_enqueue` does for the producer."""
-        pipe.hsetnx(self.key, k.JOB_DECLARED_TOTAL, total)
-        pipe.hset(self.key, k.JOB_ENQUEUE_COMPLETE, 1)
+        pipe.hsetnx(self.key, constants.JOB_DECLARED_TOTAL, total)
+        pipe.hset(self.key, constants.JOB_ENQUEUE_COMPLETE, 1)
 
     def retrying_flags(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: whether each of ``item_ids`` was taken back by a retry (a list of 0 and 1),
         so that its old errors-file line goes when its new result is written."""
-        pipe.smismember(k.job_retrying_key(self.job_id), list(item_ids))
+        pipe.smismember(constants.job_retrying_key(self.job_id), list(item_ids))
 
     def clear_retrying(self, pipe: redis.client.Pipeline, item_ids: Collection[str]) -> None:
         """Adds to ``pipe``: the retries of ``item_ids`` are written."""
-        pipe.srem(k.job_retrying_key(self.job_id), *item_ids)
+        pipe.srem(constants.job_retrying_key(self.job_id), *item_ids)
 
     def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
         """Marks the job done when enqueueing is over and every item is written (as many as the
@@ -374,15 +379,15 @@ class JobRecord:
         sends the Celery task ``on_done_task`` with the job's figures.
         """
         pipe = self.r.pipeline()
-        pipe.hmget(self.key, [k.JOB_ENQUEUE_COMPLETE, k.JOB_DECLARED_TOTAL])
-        pipe.scard(k.job_items_key(self.job_id))
-        pipe.scard(k.job_done_key(self.job_id))
+        pipe.hmget(self.key, [constants.JOB_ENQUEUE_COMPLETE, constants.JOB_DECLARED_TOTAL])
+        pipe.scard(constants.job_items_key(self.job_id))
+        pipe.scard(constants.job_done_key(self.job_id))
         (complete, declared), total, done = pipe.execute()
         if complete != b"1" or done < max(total, int(declared or 0)):
             return False
-        if self.r.hsetnx(self.key, k.JOB_FINISHED_AT, time.time()):
-            if self.r.hget(self.key, k.JOB_CANCELLED) != b"1":
-                self.r.hset(self.key, k.JOB_STATE, "done")
+        if self.r.hsetnx(self.key, constants.JOB_FINISHED_AT, time.time()):
+            if self.r.hget(self.key, constants.JOB_CANCELLED) != b"1":
+                self.r.hset(self.key, constants.JOB_STATE, "done")
             status = job_status(self.r, self.job_id)
             assert status is not None
             event = {
@@ -394,8 +399,10 @@ class JobRecord:
                 "output_path": status.output_path,
                 "errors_path": status.errors_path,
             }
-            self.r.publish(k.job_events_channel(self.job_id), orjson.dumps(event))
-            callback: list[bytes | None] = self.r.hmget(self.key, [k.JOB_ON_DONE_TASK, k.JOB_ON_DONE_QUEUE])  # type: ignore[assignment]
+            self.r.publish(constants.job_events_channel(self.job_id), orjson.dumps(event))
+            callback: list[bytes | None] = self.r.hmget(
+                self.key, [constants.JOB_ON_DONE_TASK, constants.JOB_ON_DONE_QUEUE]
+            )  # type: ignore[assignment]
             if callback[0] and send_task is not None:
                 send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
         return True
@@ -443,13 +450,13 @@ def job_file_stem(job_id: str) -> str:
 
 
 def _config(h: dict[str, str]) -> JobConfig | None:
-    if k.JOB_OUTPUT_PATH not in h:
+    if constants.JOB_OUTPUT_PATH not in h:
         return None
     return JobConfig(
-        output_path=h[k.JOB_OUTPUT_PATH],
-        errors_path=h[k.JOB_ERRORS_PATH],
-        output_key=h.get(k.JOB_OUTPUT_KEY, "qa_pairs"),
-        registered=k.JOB_INPUT_PATH in h,
+        output_path=h[constants.JOB_OUTPUT_PATH],
+        errors_path=h[constants.JOB_ERRORS_PATH],
+        output_key=h.get(constants.JOB_OUTPUT_KEY, "qa_pairs"),
+        registered=constants.JOB_INPUT_PATH in h,
     )
 
 
@@ -459,45 +466,47 @@ def _counters(records: Collection[ResultRecord]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for rec in records:
         if rec.error is not None:
-            counts[k.JOB_FAILED_PREFIX + rec.error.code] += 1
-        counts[k.JOB_QA_PREFIX + "pairs"] += len(rec.qa_pairs or ())
+            counts[constants.JOB_FAILED_PREFIX + rec.error.code] += 1
+        counts[constants.JOB_QA_PREFIX + "pairs"] += len(rec.qa_pairs or ())
         if rec.qa_stats is not None:
-            counts[k.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
-            counts[k.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
-            counts[k.JOB_QA_PREFIX + "agreed"] += rec.qa_stats.agreed
-            counts.update({k.JOB_REJECTED_PREFIX + reason: n for reason, n in rec.qa_stats.rejected.items()})
+            counts[constants.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
+            counts[constants.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
+            counts[constants.JOB_QA_PREFIX + "agreed"] += rec.qa_stats.agreed
+            counts.update(
+                {constants.JOB_REJECTED_PREFIX + reason: n for reason, n in rec.qa_stats.rejected.items()}
+            )
     return +counts  # drops zero counts
 
 
 def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
     """The job's progress and figures; None if there is no such job."""
     pipe = r.pipeline()
-    pipe.hgetall(k.job_key(job_id))
-    pipe.scard(k.job_items_key(job_id))
+    pipe.hgetall(constants.job_key(job_id))
+    pipe.scard(constants.job_items_key(job_id))
     raw, total = pipe.execute()
     if not raw:
         return None
     h = {key.decode(): value.decode() for key, value in raw.items()}
     return JobStatus(
         job_id=job_id,
-        state=h.get(k.JOB_STATE, "unknown"),
-        total=max(int(total), int(h.get(k.JOB_DECLARED_TOTAL, 0))),
-        written=int(h.get(k.JOB_WRITTEN, 0)),
-        failed=int(h.get(k.JOB_FAILED, 0)),
-        enqueued=int(h.get(k.JOB_ENQUEUED, 0)),
-        skipped=int(h.get(k.JOB_SKIPPED, 0)),
-        enqueue_complete=h.get(k.JOB_ENQUEUE_COMPLETE) == "1",
-        output_path=h.get(k.JOB_OUTPUT_PATH, ""),
-        errors_path=h.get(k.JOB_ERRORS_PATH, ""),
-        output_key=h.get(k.JOB_OUTPUT_KEY, "qa_pairs"),
-        created_at=float(h.get(k.JOB_CREATED_AT, 0)),
-        finished_at=float(h[k.JOB_FINISHED_AT]) if k.JOB_FINISHED_AT in h else None,
-        failures=_prefixed(h, k.JOB_FAILED_PREFIX),
-        rejected=_prefixed(h, k.JOB_REJECTED_PREFIX),
-        qa=_prefixed(h, k.JOB_QA_PREFIX),
-        quarantined=int(h.get(k.JOB_QUARANTINED, 0)),
-        resent=int(h.get(k.JOB_RESENT, 0)),
-        retried=int(h.get(k.JOB_RETRIED, 0)),
+        state=h.get(constants.JOB_STATE, "unknown"),
+        total=max(int(total), int(h.get(constants.JOB_DECLARED_TOTAL, 0))),
+        written=int(h.get(constants.JOB_WRITTEN, 0)),
+        failed=int(h.get(constants.JOB_FAILED, 0)),
+        enqueued=int(h.get(constants.JOB_ENQUEUED, 0)),
+        skipped=int(h.get(constants.JOB_SKIPPED, 0)),
+        enqueue_complete=h.get(constants.JOB_ENQUEUE_COMPLETE) == "1",
+        output_path=h.get(constants.JOB_OUTPUT_PATH, ""),
+        errors_path=h.get(constants.JOB_ERRORS_PATH, ""),
+        output_key=h.get(constants.JOB_OUTPUT_KEY, "qa_pairs"),
+        created_at=float(h.get(constants.JOB_CREATED_AT, 0)),
+        finished_at=float(h[constants.JOB_FINISHED_AT]) if constants.JOB_FINISHED_AT in h else None,
+        failures=_prefixed(h, constants.JOB_FAILED_PREFIX),
+        rejected=_prefixed(h, constants.JOB_REJECTED_PREFIX),
+        qa=_prefixed(h, constants.JOB_QA_PREFIX),
+        quarantined=int(h.get(constants.JOB_QUARANTINED, 0)),
+        resent=int(h.get(constants.JOB_RESENT, 0)),
+        retried=int(h.get(constants.JOB_RETRIED, 0)),
     )
 
 
@@ -506,25 +515,25 @@ def _prefixed(h: dict[str, str], prefix: str) -> dict[str, int]:
 
 
 def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
-    ids: list[bytes] = r.zrevrange(k.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
+    ids: list[bytes] = r.zrevrange(constants.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
     return [j.decode() for j in ids]
 
 
 def unfinished_jobs(r: redis.Redis) -> list[str]:
     """The ids of the jobs not marked finished, in one round trip after the index."""
-    job_ids: list[bytes] = r.zrange(k.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+    job_ids: list[bytes] = r.zrange(constants.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
     pipe = r.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.hexists(k.job_key(job_id.decode()), k.JOB_FINISHED_AT)
+        pipe.hexists(constants.job_key(job_id.decode()), constants.JOB_FINISHED_AT)
     return [job_id.decode() for job_id, done in zip(job_ids, pipe.execute(), strict=True) if not done]
 
 
-_MARKER_HEAD, _, _MARKER_TAIL = k.job_writing_key("*").partition("*")
+_MARKER_HEAD, _, _MARKER_TAIL = constants.job_writing_key("*").partition("*")
 
 
 def write_markers(r: redis.Redis) -> Iterator[tuple[JobRecord, dict[str, str]]]:
     """Every job with a collector's write marker, and the marker."""
-    for key in r.scan_iter(match=k.job_writing_key("*"), count=1000):
+    for key in r.scan_iter(match=constants.job_writing_key("*"), count=1000):
         raw: dict[bytes, bytes] = r.hgetall(key)  # type: ignore[assignment]
         if raw:
             job_id = key.decode().removeprefix(_MARKER_HEAD).removesuffix(_MARKER_TAIL)
@@ -544,10 +553,10 @@ def nothing_in_flight(r: redis.Redis, broker: Celery | str | None = None) -> boo
     depth = queue_depth(broker or r)
     if depth.waiting or depth.unacked is None or depth.unacked:
         return False
-    if not r.exists(k.RESULTS_STREAM):
+    if not r.exists(constants.RESULTS_STREAM):
         return True
     try:
-        groups: Any = r.xinfo_groups(k.RESULTS_STREAM)
+        groups: Any = r.xinfo_groups(constants.RESULTS_STREAM)
     except redis.ResponseError:
         return True
     return all(not (g.get("lag") or g.get("pending")) for g in groups)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import orjson
 import redis
 
-from producer import constants as k
+from producer import constants
 from producer.errors import ErrorCode
 from producer.jobs import JobRecord
 
@@ -78,7 +78,7 @@ def quarantine(
     and log it. The caller acknowledges the message only once ``pipe`` has run, in the same
     transaction when it can, so that a crash in between loses nothing."""
     pipe.xadd(
-        k.QUARANTINE_STREAM,
+        constants.QUARANTINE_STREAM,
         {
             b"source": source,
             b"code": str(code),
@@ -90,10 +90,10 @@ def quarantine(
             b"raw_bytes": len(raw),
             b"raw": raw[:RAW_MAX_BYTES],
         },
-        maxlen=k.QUARANTINE_MAXLEN,
+        maxlen=constants.QUARANTINE_MAXLEN,
         approximate=True,
     )
-    pipe.incr(k.QUARANTINE_COUNT)
+    pipe.incr(constants.QUARANTINE_COUNT)
     if job_id:
         JobRecord(pipe, job_id).count_quarantined(pipe)
     log.error("quarantining a %s (%s, job %s): %s", source, ref, job_id or "unknown", reason)
@@ -101,14 +101,14 @@ def quarantine(
 
 def quarantined_total(r: redis.Redis) -> int:
     """Entries ever quarantined (more than `list_quarantined` can show once the stream is trimmed)."""
-    return int(r.get(k.QUARANTINE_COUNT) or 0)
+    return int(r.get(constants.QUARANTINE_COUNT) or 0)
 
 
 def list_quarantined(r: redis.Redis, limit: int = 20, job_id: str | None = None) -> list[QuarantineEntry]:
     """The newest ``limit`` entries, newest first; only ``job_id``'s if given (scanning at most the
     newest ten thousand entries for them)."""
     count = limit if job_id is None else max(limit, 10_000)
-    raw: Any = r.xrevrange(k.QUARANTINE_STREAM, count=count)
+    raw: Any = r.xrevrange(constants.QUARANTINE_STREAM, count=count)
     entries = [_entry(entry_id, fields) for entry_id, fields in raw]
     if job_id is not None:
         entries = [e for e in entries if e.job_id == job_id]

@@ -18,7 +18,7 @@ from typing import TypeVar
 import redis
 from celery import Celery
 
-from producer import constants as k
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE
 from producer.enqueue import _message, _rejected
 from producer.errors import ImageQAError, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows
@@ -65,9 +65,9 @@ def send_rows(
                         publish(pipe, _rejected(raw, item_id, job.job_id, e))
                         continue
                     app.send_task(
-                        k.TASK_GENERATE,
+                        TASK_GENERATE,
                         kwargs=message.model_dump(mode="json"),
-                        queue=k.QUEUE_GENERATE,
+                        queue=QUEUE_GENERATE,
                         task_id=f"{job.job_id}:{item_id}",
                         producer=producer,
                         argsrepr="()",

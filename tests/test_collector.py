@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import constants as k
 from producer.broker import redis_client
+from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.jobs import JobRecord, job_status
 from producer.results import publish
@@ -55,14 +55,14 @@ def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url
     assert len(read_jsonl(out)) == 120
     # Another consumer (a dead collector, say) has read 30 more entries but never acknowledged them.
     _publish(redis_url, "job", 120, 40)
-    r.xreadgroup(k.COLLECTOR_GROUP, "dead-collector", {k.RESULTS_STREAM: ">"}, count=30)
-    assert r.xlen(k.RESULTS_STREAM) == 160
+    r.xreadgroup(COLLECTOR_GROUP, "dead-collector", {RESULTS_STREAM: ">"}, count=30)
+    assert r.xlen(RESULTS_STREAM) == 160
 
     dropped = collector.trim()
 
     # The 120 written entries are gone; the 30 pending and 10 unread ones stay for the collectors.
-    assert dropped == 120 and r.xlen(k.RESULTS_STREAM) == 40
-    pending = r.xpending(k.RESULTS_STREAM, k.COLLECTOR_GROUP)
+    assert dropped == 120 and r.xlen(RESULTS_STREAM) == 40
+    pending = r.xpending(RESULTS_STREAM, COLLECTOR_GROUP)
     assert pending["pending"] == 30
     collector.settings = CollectorSettings(redis_url=redis_url, batch_size=50, metrics_port=0, claim_idle_s=0)
     collector.maybe_claim()
@@ -71,7 +71,7 @@ def test_acknowledged_results_are_trimmed_and_unacknowledged_ones_kept(redis_url
     rows = read_jsonl(out)
     assert sorted(row["n"] for row in rows) == list(range(160))
     collector.trim()
-    assert r.xlen(k.RESULTS_STREAM) == 0
+    assert r.xlen(RESULTS_STREAM) == 0
 
 
 def test_a_job_whose_last_batch_was_written_before_a_crash_is_finished_on_restart(

@@ -27,8 +27,8 @@ import pytest
 import redis
 from kombu import Connection
 
-from producer import constants as k
 from producer.broker import celery_app, celery_config, queue_depth, redis_client
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE, job_attempts_key
 from producer.enqueue import enqueue_file
 from producer.jobs import nothing_in_flight
 from producer.settings import DEFAULT_VISIBILITY_TIMEOUT_S, ProducerSettings, RedisSettings
@@ -92,7 +92,7 @@ def purge_amqp(url: str) -> None:
     """Empties the queue. Deleting it would not do: Kombu's producer pools, shared by every Celery app
     of a process, remember that they declared it and would publish to an exchange bound to nothing."""
     with Connection(url) as conn, conn.channel() as channel, contextlib.suppress(conn.channel_errors):
-        channel.queue_purge(k.QUEUE_GENERATE)  # suppressed: not declared yet
+        channel.queue_purge(QUEUE_GENERATE)  # suppressed: not declared yet
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def start_worker(
 
 def received(w: WorkerProcess) -> int:
     return sum(
-        1 for line in w.log().splitlines() if f"Task {k.TASK_GENERATE}[" in line and "] received" in line
+        1 for line in w.log().splitlines() if f"Task {TASK_GENERATE}[" in line and "] received" in line
     )
 
 
@@ -194,7 +194,7 @@ def test_a_task_longer_than_three_visibility_timeouts_runs_once_on_a_live_worker
     assert_exactly_once(output, 2)
     assert status.written == 2
     assert sum(received(w) for w in pair) == 2, "a task was delivered again while it ran"
-    assert not redis_client(REDIS_URL).hgetall(k.job_attempts_key(job_id)), "a redelivered start"
+    assert not redis_client(REDIS_URL).hgetall(job_attempts_key(job_id)), "a redelivered start"
 
 
 def test_refreshing_survives_a_consumer_restart_after_a_broker_reconnection(workers, media, tmp_path):
@@ -224,10 +224,10 @@ def test_queue_depth_on_redis_counts_waiting_and_taken_tasks(workers, media, tmp
     assert (queue_depth(REDIS_URL).waiting, queue_depth(REDIS_URL).unacked) == (0, 0)
     app = celery_app(REDIS_URL, DEFAULT_VISIBILITY_TIMEOUT_S, name="test-depth")
     for i in range(5):
-        app.send_task(k.TASK_GENERATE, kwargs={"n": i}, queue=k.QUEUE_GENERATE)
+        app.send_task(TASK_GENERATE, kwargs={"n": i}, queue=QUEUE_GENERATE)
     assert (queue_depth(app).waiting, queue_depth(app).unacked) == (5, 0)
     assert not nothing_in_flight(redis_client(REDIS_URL))
-    redis_client(REDIS_URL).delete(k.QUEUE_GENERATE)
+    redis_client(REDIS_URL).delete(QUEUE_GENERATE)
     start_worker(workers, tmp_path, media, broker, "w", IMAGEQA_CONCURRENCY="4", IMAGEQA_FAKE_DELAY_S="10")
     source, output = job_rows(media, 6), tmp_path / "out.jsonl"
     enqueue_file(source, output, settings=broker.producer_settings(), params=PARAMS)
@@ -247,7 +247,7 @@ def test_a_job_runs_end_to_end_on_rabbitmq(amqp_url, workers, media, tmp_path):
     # Tasks wait in a durable queue on RabbitMQ until a worker comes
     summary = enqueue_file(source, output, settings=broker.producer_settings(), params=PARAMS)
     assert queue_depth(amqp_url).waiting == 40
-    assert redis_client(REDIS_URL).llen(k.QUEUE_GENERATE) == 0  # not on Redis
+    assert redis_client(REDIS_URL).llen(QUEUE_GENERATE) == 0  # not on Redis
     assert not nothing_in_flight(redis_client(REDIS_URL), amqp_url)  # unknown, so not "nothing"
     assert _durable(amqp_url) is not False
     start_worker(workers, tmp_path, media, broker, "w", IMAGEQA_CONCURRENCY="8")
@@ -273,7 +273,7 @@ def _durable(amqp_url: str) -> bool | None:
         return None
     for line in out.stdout.splitlines():
         parts = line.split()
-        if parts and parts[0] == k.QUEUE_GENERATE:
+        if parts and parts[0] == QUEUE_GENERATE:
             return parts[1] == "true"
     return None
 

@@ -25,8 +25,8 @@ import redis
 import yaml
 from packaging.requirements import Requirement
 
-from producer import constants as k
 from producer.broker import redis_client
+from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.settings import ProducerSettings
 from tests.conftest import Cluster
 from tests.helpers import ROOT, CollectorThread
@@ -580,7 +580,7 @@ def wait_for_consumer(url: str, name: str, timeout_s: float = 10.0) -> None:
 
 def _consumers(r: redis.Redis) -> list[dict[str, Any]]:
     try:
-        return r.xinfo_consumers(k.RESULTS_STREAM, k.COLLECTOR_GROUP)
+        return r.xinfo_consumers(RESULTS_STREAM, COLLECTOR_GROUP)
     except redis.ResponseError:  # no stream or group yet
         return []
 

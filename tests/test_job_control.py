@@ -13,8 +13,8 @@ import time
 
 import orjson
 
-from producer import constants as k
 from producer.broker import redis_client
+from producer.constants import QUEUE_GENERATE, job_events_channel
 from producer.contract import GenerationParams
 from producer.enqueue import enqueue_file
 from producer.settings import ProducerSettings
@@ -79,7 +79,7 @@ def test_a_finished_job_announces_itself_and_sends_the_callback_task(fake_cluste
     settings = ProducerSettings(redis_url=fake_cluster.redis_url)
     r = redis_client(fake_cluster.redis_url)
     pubsub = r.pubsub()
-    pubsub.psubscribe(k.job_events_channel("*"))
+    pubsub.psubscribe(job_events_channel("*"))
     events: list[dict] = []
 
     def listen() -> None:
@@ -140,7 +140,7 @@ def test_the_producer_pauses_while_the_queue_is_full_and_still_sends_every_row(m
         nonlocal deepest
         r = redis_client(URL)
         while not sampling.is_set():
-            deepest = max(deepest, int(r.llen(k.QUEUE_GENERATE)))
+            deepest = max(deepest, int(r.llen(QUEUE_GENERATE)))
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -23,9 +23,8 @@ import pytest
 import redis
 from celery import Celery
 
-from producer import constants as k
 from producer.broker import redis_client
-from producer.constants import QUEUE_GENERATE, TASK_GENERATE
+from producer.constants import QUEUE_GENERATE, TASK_GENERATE, job_events_channel
 from producer.contract import TaskMessage
 from producer.jobs import job_status
 from tests.conftest import Cluster
@@ -108,7 +107,7 @@ def send_marker(redis_url: str, job_id: str, image: Path) -> None:
 def subscribe(redis_url: str, job_id: str) -> redis.client.PubSub:
     """Listens to the job's events channel (before its tasks are sent, so that nothing is missed)."""
     events = redis_client(redis_url).pubsub()
-    events.subscribe(k.job_events_channel(job_id))
+    events.subscribe(job_events_channel(job_id))
     return events
 
 

@@ -16,8 +16,14 @@ import pytest
 import redis
 from celery import Celery
 
-from producer import constants as k
 from producer.broker import redis_client
+from producer.constants import (
+    COLLECTOR_GROUP,
+    QUARANTINE_STREAM,
+    QUEUE_GENERATE,
+    RESULTS_STREAM,
+    job_events_channel,
+)
 from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.enqueue import enqueue_file
 from producer.jobs import JobRecord, job_status
@@ -65,8 +71,8 @@ def test_an_undecodable_result_is_quarantined_and_the_job_completes(
     write_jsonl(tmp_path / "in.jsonl", [{"image": [str(p)]} for p in images])
     r = redis_client(fake_cluster.redis_url)
     # A newer worker's record, and an entry without a record at all, in front of the job's results.
-    r.xadd(k.RESULTS_STREAM, {b"r": GARBAGE})
-    r.xadd(k.RESULTS_STREAM, {b"other": b"x"})
+    r.xadd(RESULTS_STREAM, {b"r": GARBAGE})
+    r.xadd(RESULTS_STREAM, {b"other": b"x"})
     with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
         summary = enqueue_file(
             tmp_path / "in.jsonl",
@@ -88,7 +94,7 @@ def test_an_undecodable_result_is_quarantined_and_the_job_completes(
     assert "no 'r' field" in entries[0].reason and b"other" in entries[0].raw
     assert quarantined_total(r) == 2
     # Acknowledged once quarantined: nothing is left pending.
-    assert r.xpending(k.RESULTS_STREAM, k.COLLECTOR_GROUP)["pending"] == 0
+    assert r.xpending(RESULTS_STREAM, COLLECTOR_GROUP)["pending"] == 0
 
     status = json.loads(_cli(fake_cluster.redis_url, "status", "qjob", "--json"))
     assert (status["quarantined"], status["quarantined_all_jobs"]) == (1, 2)
@@ -102,7 +108,7 @@ def test_an_undecodable_entry_is_acknowledged_only_with_its_quarantine(
     redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     r = redis_client(redis_url)
-    r.xadd(k.RESULTS_STREAM, {b"r": GARBAGE})
+    r.xadd(RESULTS_STREAM, {b"r": GARBAGE})
     collector = Collector(CollectorSettings(redis_url=redis_url, metrics_port=0, output_dir=tmp_path))
     collector.ensure_group()
 
@@ -113,13 +119,13 @@ def test_an_undecodable_entry_is_acknowledged_only_with_its_quarantine(
     monkeypatch.setattr(Collector, "_commit", crash)
     with pytest.raises(redis.ConnectionError):
         collector.step()
-    assert r.xpending(k.RESULTS_STREAM, k.COLLECTOR_GROUP)["pending"] == 1
-    assert r.xlen(k.QUARANTINE_STREAM) == 0
+    assert r.xpending(RESULTS_STREAM, COLLECTOR_GROUP)["pending"] == 1
+    assert r.xlen(QUARANTINE_STREAM) == 0
     monkeypatch.undo()
 
     # Restarted, it handles its pending entry again: quarantined once, then acknowledged.
     collector.start()
-    assert r.xpending(k.RESULTS_STREAM, k.COLLECTOR_GROUP)["pending"] == 0
+    assert r.xpending(RESULTS_STREAM, COLLECTOR_GROUP)["pending"] == 0
     assert [e.job_id for e in list_quarantined(r)] == ["qjob"]
     assert quarantined_total(r) == 1
 
@@ -127,7 +133,7 @@ def test_an_undecodable_entry_is_acknowledged_only_with_its_quarantine(
 def test_a_quarantined_entry_keeps_a_bounded_part_of_a_huge_record(redis_url: str, tmp_path: Path):
     r = redis_client(redis_url)
     huge = orjson.dumps({"job_id": "big", "row": "x" * (RAW_MAX_BYTES * 3)})
-    r.xadd(k.RESULTS_STREAM, {b"r": huge})
+    r.xadd(RESULTS_STREAM, {b"r": huge})
     collector = Collector(CollectorSettings(redis_url=redis_url, metrics_port=0, output_dir=tmp_path))
     collector.ensure_group()
     collector.step()
@@ -149,8 +155,8 @@ def _kwargs(image: Path, item_id: str, job_id: str = "args-job") -> dict[str, An
 def test_positional_arguments_become_an_error_row(fake_cluster: Cluster, media: Path, tmp_path: Path):
     (image,) = make_images(media, 1)
     client = _client(fake_cluster.redis_url)
-    client.send_task("imageqa.generate", args=[_kwargs(image, "as-args")], queue=k.QUEUE_GENERATE)
-    client.send_task("imageqa.generate", args=[1, 2], kwargs=_kwargs(image, "both"), queue=k.QUEUE_GENERATE)
+    client.send_task("imageqa.generate", args=[_kwargs(image, "as-args")], queue=QUEUE_GENERATE)
+    client.send_task("imageqa.generate", args=[1, 2], kwargs=_kwargs(image, "both"), queue=QUEUE_GENERATE)
     with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
         errors = _error_rows(tmp_path, "args-job", 2)
     assert sorted((e["item_id"], e["row_index"], e["row"], e["error"]["code"]) for e in errors) == [
@@ -165,14 +171,12 @@ def test_a_message_without_ids_is_quarantined(fake_cluster: Cluster, media: Path
     (image,) = make_images(media, 1)
     client = _client(fake_cluster.redis_url)
     r = redis_client(fake_cluster.redis_url)
-    client.send_task("imageqa.generate", kwargs={"images": [str(image)]}, queue=k.QUEUE_GENERATE)
+    client.send_task("imageqa.generate", kwargs={"images": [str(image)]}, queue=QUEUE_GENERATE)
     client.send_task(
-        "imageqa.generate", args=["lonely-job", "no-item"], task_id="t-args", queue=k.QUEUE_GENERATE
+        "imageqa.generate", args=["lonely-job", "no-item"], task_id="t-args", queue=QUEUE_GENERATE
     )
-    client.send_task(
-        "imageqa.generate", kwargs={"job_id": "half-job", "row_index": 0}, queue=k.QUEUE_GENERATE
-    )
-    _wait_for(lambda: r.xlen(k.QUARANTINE_STREAM) >= 3)
+    client.send_task("imageqa.generate", kwargs={"job_id": "half-job", "row_index": 0}, queue=QUEUE_GENERATE)
+    _wait_for(lambda: r.xlen(QUARANTINE_STREAM) >= 3)
     entries = {e.ref: e for e in list_quarantined(r)}
     assert {(e.source, e.code) for e in entries.values()} == {("task", "message_invalid")}
     assert "positional" in entries["t-args"].reason
@@ -189,8 +193,8 @@ def test_an_oversize_message_is_an_error_row_naming_the_limit(
     (image,) = make_images(media, 1)
     client = _client(fake_cluster.redis_url)
     big = {**_kwargs(image, "big", "size-job"), "row": {"blob": "x" * DEFAULT_MAX_MESSAGE_BYTES}}
-    client.send_task("imageqa.generate", kwargs=big, queue=k.QUEUE_GENERATE)
-    client.send_task("imageqa.generate", kwargs=_kwargs(image, "small", "size-job"), queue=k.QUEUE_GENERATE)
+    client.send_task("imageqa.generate", kwargs=big, queue=QUEUE_GENERATE)
+    client.send_task("imageqa.generate", kwargs=_kwargs(image, "small", "size-job"), queue=QUEUE_GENERATE)
     with CollectorThread(fake_cluster.redis_url, output_dir=tmp_path):
         (error,) = _error_rows(tmp_path, "size-job", 1)
         _wait_for(lambda: len(read_jsonl(tmp_path / "size-job.jsonl")) == 1)
@@ -202,7 +206,7 @@ def test_an_oversize_message_is_an_error_row_naming_the_limit(
 def test_a_declared_total_finishes_an_adopted_job(redis_url: str, tmp_path: Path):
     r = redis_client(redis_url)
     events = r.pubsub()
-    events.subscribe(k.job_events_channel("adopted"))
+    events.subscribe(job_events_channel("adopted"))
     pipe = r.pipeline(transaction=False)
     for i in range(3):
         record = ResultRecord(

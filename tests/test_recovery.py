@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import constants as k
 from producer.broker import celery_app, redis_client
+from producer.constants import QUEUE_GENERATE, job_retrying_key
 from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord
 from producer.enqueue import enqueue_file
 from producer.errors import ErrorCode
@@ -89,9 +89,9 @@ def test_the_collector_resends_a_task_lost_in_transit(media, tmp_path):
         # Lose one queued task as Kombu's transport can: popped, never recorded as unacknowledged.
         lost = 0
         while not lost:
-            message = r.lindex(k.QUEUE_GENERATE, 0)
+            message = r.lindex(QUEUE_GENERATE, 0)
             assert message is not None, "the queue drained before a task could be taken out"
-            lost = r.lrem(k.QUEUE_GENERATE, 1, message)
+            lost = r.lrem(QUEUE_GENERATE, 1, message)
         started = time.monotonic()
         st = wait_done(URL, job_id, timeout_s=90)  # no resend callback: only the collector re-sends
     assert st.state == "done" and st.written == 24 and st.failed == 0 and st.resent == 1
@@ -280,7 +280,7 @@ def test_a_collector_killed_while_writing_a_retried_row_keeps_each_row_once(
     assert st is not None and st.finished and st.state == "done"
     assert (st.written, st.failed, st.retried) == (1 - (not retry_ok), 2 + (not retry_ok), 1)
     assert st.failures == {"engine_error": st.failed}
-    assert not r.exists(k.job_retrying_key("job"))
+    assert not r.exists(job_retrying_key("job"))
 
 
 def test_a_job_is_stalled_after_two_checks_a_grace_apart_without_progress(redis_url, tmp_path, monkeypatch):
@@ -317,9 +317,9 @@ def test_a_job_is_stalled_after_two_checks_a_grace_apart_without_progress(redis_
     pipe.execute()
     assert check_at(20) == [] and check_at(40) == []
     # and while a task is queued (for any job) nothing is stalled
-    r.lpush(k.QUEUE_GENERATE, b"{}")
+    r.lpush(QUEUE_GENERATE, b"{}")
     assert check_at(60) == []
-    r.delete(k.QUEUE_GENERATE)
+    r.delete(QUEUE_GENERATE)
     assert check_at(70) == [] and check_at(99) == []
     # Then the job is stalled at the first check 30 s after it was seen without progress
     assert check_at(100) == ["job"] and resent == ["job"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import constants as k
 from producer.broker import redis_client
+from producer.constants import QUEUE_GENERATE
 from producer.contract import GenerationParams, QAPair, ResultRecord
 from producer.errors import ImageQAError
 from producer.jobs import JobRecord, JobStatus
@@ -98,7 +98,7 @@ def test_rows_lost_in_transit_are_resent_once_the_job_stalls_with_nothing_in_fli
 def test_nothing_is_resent_while_tasks_wait_in_the_queue(r, tmp_path):
     # Given a stalled job with a task still queued (a busy worker will take it)
     job = enqueued_job(r, tmp_path)
-    r.rpush(k.QUEUE_GENERATE, b"{}")
+    r.rpush(QUEUE_GENERATE, b"{}")
     resent: list[JobStatus] = []
 
     # When the wait runs out of time

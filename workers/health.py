@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import redis
 
-from producer import constants as k
 from producer.broker import celery_app, redis_client
+from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.settings import RedisSettings
 from workers.settings import CollectorSettings
 
@@ -56,9 +56,9 @@ def check_collector(settings: CollectorSettings, max_idle_s: float = 60.0) -> He
     """
     r = redis_client(settings.redis_url)
     try:
-        consumers = r.xinfo_consumers(k.RESULTS_STREAM, k.COLLECTOR_GROUP)
+        consumers = r.xinfo_consumers(RESULTS_STREAM, COLLECTOR_GROUP)
     except redis.ResponseError:
-        return Health(False, f"no consumer group {k.COLLECTOR_GROUP!r} on {k.RESULTS_STREAM} yet")
+        return Health(False, f"no consumer group {COLLECTOR_GROUP!r} on {RESULTS_STREAM} yet")
     except (OSError, redis.RedisError) as e:
         return Health(False, f"cannot reach Redis: {e}")
     finally:

@@ -11,8 +11,8 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Reject
 
-from producer import constants as k
 from producer.broker import RETRYABLE, with_redis_retry
+from producer.constants import TASK_GENERATE
 from producer.contract import ErrorInfo, ResultRecord, TaskMessage
 from producer.errors import ContractError, ErrorCode
 from producer.jobs import JobRecord
@@ -35,7 +35,7 @@ _gate = IsolationGate()
 
 def register(app: Celery) -> None:
     """Registers `generate` as ``imageqa.generate`` on the worker's app (`workers.app.create_app`)."""
-    app.task(name=k.TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(
+    app.task(name=TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(
         generate
     )
 

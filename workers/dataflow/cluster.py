@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 import redis
 
-from producer import constants as k
 from producer.broker import check_redis, redact, redis_client
 from producer.cli import progress_bar
+from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.contract import ErrorInfo, QAPair, canonical_json
 from producer.enqueue import enqueue_file
 from producer.errors import ClusterServingError, ImageQAError
@@ -146,13 +146,13 @@ class ClusterServing(Serving):
 
     def _warn_without_collector(self, r: redis.Redis) -> None:
         try:
-            consumers: list[dict[str, Any]] = r.xinfo_consumers(k.RESULTS_STREAM, k.COLLECTOR_GROUP)
+            consumers: list[dict[str, Any]] = r.xinfo_consumers(RESULTS_STREAM, COLLECTOR_GROUP)
         except redis.ResponseError:  # no stream or no group: no collector has ever run
             consumers = []
         if not any(c.get("idle", float("inf")) < COLLECTOR_IDLE_WARNING_S * 1000 for c in consumers):
             log.warning(
                 "no collector is reading %s on %s: results are written only while `imageqa collect` runs",
-                k.RESULTS_STREAM,
+                RESULTS_STREAM,
                 redact(self.redis_url),
             )
 
