@@ -153,7 +153,9 @@ def test_a_killed_workers_128_tasks_run_elsewhere_within_a_minute(broker, worker
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
         killed_at = time.monotonic()
-        start_worker(workers, tmp_path, media, broker, "second", IMAGEQA_FAKE_DELAY_S="0")
+        # Each request takes 2 s there: the 128 redelivered tasks must run side by side, not one
+        # after another (that would take over four minutes).
+        start_worker(workers, tmp_path, media, broker, "second", IMAGEQA_FAKE_DELAY_S="2")
 
         # Then every row is written within 90 s of the kill, once
         wait_for(
