@@ -5,11 +5,18 @@ Reads the results stream with a consumer group and, per batch:
 1. drops item ids the job has already written (the job's done set);
 2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
 3. appends the lines and fsyncs;
-4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, acks.
+4. in one MULTI: adds the items to the done set, bumps the counters, sets the markers to the new
+   file sizes (marked committed), acks.
 
 A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
 the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
 entries again. So every result lands exactly once, and no half-written line survives.
+
+The marker outlives the commit (until the job finishes) because Redis itself may lose the last
+second of writes (``appendfsync everysec``, a machine crash): then the lines of a batch are on disk
+but the done-set add that recorded them is gone, and their results come back. Before each write the
+collector truncates the file back to the size its marker records, so those lines are written once,
+again, instead of twice.
 One collector per set of output files: two collectors must not write the same job.
 """
 
@@ -25,6 +32,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT, FieldT
 
 from producer import constants as k
 from producer import jobs
@@ -58,6 +66,7 @@ class Collector:
         self._last_claim = 0.0
         self._last_observe = 0.0
         self._celery: Any = None
+        self._redis_lost_writes = False
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -68,6 +77,9 @@ class Collector:
                 self.start()
                 while not stop.is_set():
                     self.step(block_ms=self.settings.block_ms)
+                    if self._redis_lost_writes:  # the lost batch's entries may be pending with us
+                        self._redis_lost_writes = False
+                        self.start()
                     self.maybe_claim()
                     self.maybe_observe()
                     backoff.reset()
@@ -97,16 +109,25 @@ class Collector:
         """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers."""
         now = time.time()
         for job, marker in jobs.write_markers(self.r):
-            stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
-            if marker.get("consumer") != self.settings.consumer and not stale:
+            if self._undo_unrecorded(marker, now) is None:
                 continue
-            for name in ("output_path", "errors_path"):
-                path = marker.get(name)
-                size = int(marker.get(name.replace("path", "size"), -1))
-                if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
-                    log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
-                    os.truncate(path, size)
             job.clear_write_marker()
+
+    def _undo_unrecorded(self, marker: dict[str, str], now: float) -> bool | None:
+        """Truncates the marker's files back to its sizes: the bytes past them were never recorded
+        in Redis. None if the marker is another live consumer's; else True if anything was cut."""
+        stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
+        if marker.get("consumer") != self.settings.consumer and not stale:
+            return None
+        cut = False
+        for name in ("output_path", "errors_path"):
+            path = marker.get(name)
+            size = int(marker.get(name.replace("path", "size"), -1))
+            if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
+                log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
+                os.truncate(path, size)
+                cut = True
+        return cut
 
     def finish_open_jobs(self) -> None:
         """Marks done the jobs whose rows are all written but which are not marked finished: a
@@ -211,6 +232,8 @@ class Collector:
         for job_id, batch in batches.items():
             if batch.job.finish_if_complete(self._send_task):
                 self._configs.pop(job_id, None)
+                if job_id in writing:
+                    batch.job.clear_write_marker()
 
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
         if self._celery is None:
@@ -237,31 +260,45 @@ class Collector:
             }
 
     def _mark(self, writing: dict[str, _JobBatch]) -> None:
+        """Undoes what a Redis that lost its last writes no longer records, then sets the markers."""
         if not writing:
             return
         pipe = self.r.pipeline(transaction=False)
         for batch in writing.values():
-            batch.job.mark_writing(
-                pipe,
-                {
-                    "consumer": self.settings.consumer,
-                    "t": time.time(),
-                    "output_path": batch.config.output_path,
-                    "errors_path": batch.config.errors_path,
-                    "output_size": _size(batch.config.output_path),
-                    "errors_size": _size(batch.config.errors_path),
-                },
-            )
+            batch.job.read_write_marker(pipe)
+        now = time.time()
+        for batch, raw in zip(writing.values(), pipe.execute(), strict=True):
+            marker = {key.decode(): value.decode() for key, value in raw.items()}
+            if marker and self._undo_unrecorded(marker, now):
+                log.warning(
+                    "job %s: Redis lost the record of written rows; writing them again", batch.job.job_id
+                )
+                self._redis_lost_writes = True
+        pipe = self.r.pipeline(transaction=False)
+        for batch in writing.values():
+            batch.job.mark_writing(pipe, self._marker(batch.config, "writing"))
         pipe.execute()
 
     def _commit(self, writing: dict[str, _JobBatch], entry_ids: list[bytes]) -> None:
-        """In one MULTI: the rows written are recorded, their markers deleted and the entries acked."""
+        """In one MULTI: the rows written are recorded, their markers set to the new file sizes and
+        the entries acked."""
         pipe = self.r.pipeline(transaction=True)
         for batch in writing.values():
             batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
-            batch.job.clear_write_marker(pipe)
+            batch.job.mark_writing(pipe, self._marker(batch.config, "committed"))
         pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
         pipe.execute()
+
+    def _marker(self, config: JobConfig, state: str) -> dict[FieldT, EncodableT]:
+        return {
+            "consumer": self.settings.consumer,
+            "state": state,
+            "t": time.time(),
+            "output_path": config.output_path,
+            "errors_path": config.errors_path,
+            "output_size": _size(config.output_path),
+            "errors_size": _size(config.errors_path),
+        }
 
     def _config(self, job: JobRecord) -> JobConfig:
         if job.job_id not in self._configs:
