@@ -3,7 +3,6 @@ graceful shutdown. After each, every input row is in the output or errors file e
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -105,15 +104,6 @@ def wait_done_resending(redis_url: str, job_id: str, source: Path, output: Path,
     return wait_done(redis_url, job_id, timeout_s, resend=resend, resend_after_s=6)
 
 
-def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    proc.send_signal(sig)
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(child), sig)
-    proc.wait(30)
-
-
 def test_a_killed_worker_loses_nothing_and_repeats_nothing(fault_redis, media, tmp_path):
     source, output = job_input(media, 40), tmp_path / "out.jsonl"
     first = worker(tmp_path, fault_redis, media, "first", IMAGEQA_FAKE_DELAY_S="0.3").start(60)
@@ -121,8 +111,9 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(fault_redis, media, t
         job_id = enqueue(fault_redis, source, output)
         wait_for(lambda: lines_written(output) >= 8, what="first rows")
         assert first.proc is not None
-        kill_tree(first.proc)  # SIGKILL with up to 8 tasks in flight
-        assert first.proc.returncode == -signal.SIGKILL
+        first.proc.kill()  # SIGKILL, with up to 8 tasks in flight, of the worker process only
+        assert first.proc.wait(30) == -signal.SIGKILL
+        killed_at = time.time()
         second = worker(tmp_path, fault_redis, media, "second").start(60)
         try:
             # A message the killed worker had popped but not yet recorded is gone with it (Kombu's
@@ -130,35 +121,75 @@ def test_a_killed_worker_loses_nothing_and_repeats_nothing(fault_redis, media, t
             status = wait_done_resending(fault_redis, job_id, source, output)
         finally:
             second.stop()
+    report("worker", output, 40, killed_at)
     assert_exactly_once(output, 40)
     assert status.written == 40
 
 
-def test_a_collector_killed_mid_write_leaves_no_loss_duplicate_or_torn_line(fault_redis, media, tmp_path):
-    source, output = job_input(media, 300), tmp_path / "out.jsonl"
+def test_a_collector_killed_mid_batch_leaves_no_loss_duplicate_or_torn_line(fault_redis, media, tmp_path):
+    # Given every result of a job waiting in the stream, and a collector writing batches of 7
+    rows = 300
+    source, output = job_input(media, rows), tmp_path / "out.jsonl"
     fast = worker(tmp_path, fault_redis, media, "w").start(60)
+    r = redis_client(fault_redis)
+    try:
+        job_id = enqueue(fault_redis, source, output)
+        wait_for(lambda: r.xlen("imageqa:results") >= rows, what="all results")
+    finally:
+        fast.stop()
+    marker_key = f"imageqa:job:{job_id}:writing"
     env = {
         **os.environ,
         "IMAGEQA_REDIS_URL": fault_redis,
         "IMAGEQA_BATCH_SIZE": "7",
         "IMAGEQA_CONSUMER": "c1",
+        "IMAGEQA_METRICS_PORT": "0",
     }
     collect = [sys.executable, "-m", "workers.cli", "collect"]
+    # When it is SIGKILLed while a batch is being written (between its marker and its commit),
+    # again and again further into the job, the kill timing retried until three kills land
+    # mid-batch and one of them leaves appended lines Redis has no record of
+    mid_batch, past_committed, killed_at = 0, 0, 0.0
+    for _attempt in range(40):
+        if mid_batch >= 3 and past_committed >= 1:
+            break
+        started = time.time()
+        proc = subprocess.Popen(collect, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        target = 60 * mid_batch  # each kill further into the job: 0, 60, 120... rows committed
+        while time.monotonic() < deadline:
+            written = int(r.hget(f"imageqa:job:{job_id}", "written") or 0)
+            if written >= target and _writing_since(r, marker_key, started):
+                break
+        proc.kill()  # only the collector: it is what the test is about
+        proc.wait(30)
+        killed_at = time.time()
+        if _writing_since(r, marker_key, started):  # the marker the kill froze: it landed mid-batch
+            mid_batch += 1
+            committed_bytes = int(r.hget(marker_key, "output_size") or 0)
+            past_committed += (output.stat().st_size if output.exists() else 0) > committed_bytes
+    assert mid_batch >= 3 and past_committed >= 1, (mid_batch, past_committed)
+    assert lines_written(output) < rows, "the kills must land before the job is written"
+    # Then a collector started again finishes the job with every row once and no torn line
+    proc = subprocess.Popen(collect, env=env, cwd=ROOT)
     try:
-        job_id = enqueue(fault_redis, source, output)
-        for threshold in (20, 120, 200):  # three kills at different points of the job
-            proc = subprocess.Popen(collect, env=env, cwd=ROOT)
-            wait_for(lambda t=threshold: lines_written(output) >= t, what=f"{threshold} rows")
-            kill_tree(proc)
-        proc = subprocess.Popen(collect, env=env, cwd=ROOT)
-        try:
-            wait_done(fault_redis, job_id, timeout_s=120)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        wait_done(fault_redis, job_id, timeout_s=120)
     finally:
-        fast.stop()
-    assert_exactly_once(output, 300)
+        proc.terminate()
+        proc.wait(30)
+    report(
+        f"collector ({mid_batch} kills mid-batch, {past_committed} past the committed size)",
+        output,
+        rows,
+        killed_at,
+    )
+    assert_exactly_once(output, rows)
+
+
+def _writing_since(r, marker_key: str, t: float) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the collector's write marker says a batch is being written, set after ``t``."""
+    state, set_at = r.hmget(marker_key, ["state", "t"])
+    return state == b"writing" and float(set_at) > t
 
 
 def test_recovery_truncates_a_write_that_was_never_committed(fault_redis, media, tmp_path, monkeypatch):
