@@ -3,6 +3,7 @@ graceful shutdown. After each, every input row is in the output or errors file e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from tests.helpers import (
     CollectorThread,
     WorkerProcess,
     make_images,
+    read_jsonl,
     wait_done,
     write_jsonl,
 )
@@ -467,3 +469,112 @@ def test_a_dead_engine_exits_the_worker_and_its_tasks_are_redelivered(
         finally:
             assert second.stop(120) == 0
     assert_exactly_once(output, 12)
+
+
+def _cli(*args: str) -> list[str]:
+    """The ``imageqa`` command as a user runs it (this checkout's code first on the path)."""
+    return [str(Path(sys.executable).parent / "imageqa"), *args]
+
+
+def _cli_enqueue(env: dict[str, str], source: Path, output: Path) -> str:
+    done = subprocess.run(
+        _cli(
+            "enqueue",
+            str(source),
+            "-o",
+            str(output),
+            "--max-question-chars",
+            "40",
+            "--max-answer-chars",
+            "40",
+        ),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[-1]  # the job id, printed last
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+@pytest.mark.engine
+def test_enqueue_worker_and_collect_as_three_processes_on_the_real_engine(fault_redis, tmp_path, tiny_model):
+    """`imageqa enqueue`, `imageqa worker` and `imageqa collect` run as a user runs them, on the tiny
+    model; then the worker process (only it) is SIGKILLed mid-job and a new one finishes the job."""
+    media = tmp_path / "media"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "IMAGEQA_REDIS_URL": fault_redis,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "vllm",
+        "IMAGEQA_MODEL": str(tiny_model),
+        "IMAGEQA_MAX_MODEL_LEN": "4096",
+        "IMAGEQA_METRICS_PORT": "0",
+        "IMAGEQA_VISIBILITY_TIMEOUT_S": "30",  # 30 s: the default visibility timeout
+    }
+    rows = 6
+    first_in = write_jsonl(
+        media / "first.jsonl",
+        [{"image": p.name, "n": i} for i, p in enumerate(make_images(media, rows, "a"))],
+    )
+    second_in = write_jsonl(
+        media / "second.jsonl",
+        [{"image": p.name, "n": i} for i, p in enumerate(make_images(media, rows, "b"))],
+    )
+    first_out, second_out = tmp_path / "first.out.jsonl", tmp_path / "second.out.jsonl"
+    r = redis_client(fault_redis)
+    engines: list[int] = []
+    collector = subprocess.Popen(
+        _cli("collect"),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=tmp_path.joinpath("collect.log").open("wb"),
+    )
+    workers = [WorkerProcess(env, tmp_path / "worker1.log")]
+    try:
+        # Given a job enqueued before any worker runs
+        first_job = _cli_enqueue(env, first_in, first_out)
+        workers[0].start(600)
+        assert workers[0].proc is not None
+        # Then every row is written once, with its pairs
+        wait_done(fault_redis, first_job, timeout_s=300)
+        assert_exactly_once(first_out, rows)
+        for row in read_jsonl(first_out):
+            assert row["qa_pairs"] and all(pair["question"] and pair["answer"] for pair in row["qa_pairs"])
+
+        # When the worker process is SIGKILLed while it holds the next job's tasks
+        second_job = _cli_enqueue(env, second_in, second_out)
+        wait_for(lambda: r.hlen("unacked") > 0, 60, "tasks delivered to the worker")
+        engines = _children(workers[0].proc.pid)
+        workers[0].proc.kill()
+        assert workers[0].proc.wait(30) == -signal.SIGKILL
+        killed_at = time.time()
+        held = r.hlen("unacked")
+        assert held > 0 and lines_written(second_out) < rows, "the kill must land mid-job"
+        workers.append(WorkerProcess(env, tmp_path / "worker2.log").start(600))
+
+        # Then the new worker gets the dead one's tasks after the visibility timeout, and the job
+        # finishes with every row exactly once (re-running the enqueue for tasks lost in transit)
+        def resend(_status: object) -> None:
+            assert _cli_enqueue(env, second_in, second_out) == second_job
+
+        wait_done(fault_redis, second_job, timeout_s=300, resend=resend, resend_after_s=6)
+    finally:
+        for w in workers:
+            w.stop(120)
+        collector.terminate()
+        collector.wait(30)
+        for pid in engines:  # the dead worker's engine, should it have outlived it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    report(f"worker on the real engine ({held} tasks held)", second_out, rows, killed_at)
+    assert_exactly_once(second_out, rows)
+    assert all(row["qa_pairs"] for row in read_jsonl(second_out))
