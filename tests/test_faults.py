@@ -1,4 +1,4 @@
-"""Faults done for real: killed workers and collectors, a restarted Redis, a dead engine, poison items,
+"""Faults done for real: killed workers and collectors, a crashed Redis, a dead engine, poison items,
 graceful shutdown. After each, every input row is in the output or errors file exactly once."""
 
 from __future__ import annotations
@@ -91,11 +91,14 @@ def assert_exactly_once(output: Path, rows: int, allowed_errors: dict[str, int] 
 
 
 def report(fault: str, output: Path, rows: int, killed_at: float) -> None:
-    """Prints rows lost and duplicated and the seconds from the kill to the last row written."""
-    seen = Counter(orjson.loads(line)["n"] for line in output.read_bytes().splitlines())
+    """Prints rows lost and duplicated (output and errors files together) and the seconds from the
+    kill to the last row written."""
+    files = [output, output.with_name(output.stem + ".errors.jsonl")]
+    lines = [orjson.loads(line) for path in files if path.exists() for line in path.read_bytes().splitlines()]
+    seen = Counter(row["n"] if "n" in row else row["row"]["n"] for row in lines)
     lost = rows - len(seen)
     duplicated = sum(c - 1 for c in seen.values())
-    after_s = output.stat().st_mtime - killed_at
+    after_s = max(path.stat().st_mtime for path in files if path.exists()) - killed_at
     print(f"\nFAULT {fault}: lost={lost} duplicated={duplicated} kill_to_last_row_s={after_s:.1f}")
 
 
@@ -364,7 +367,7 @@ def test_a_poison_item_becomes_an_error_row_after_bounded_attempts(fault_redis, 
     with CollectorThread(fault_redis):
         job_id = enqueue(fault_redis, source, output)
         # When a supervisor restarts the worker each time it dies
-        restarts = 0
+        restarts, killed_at = 0, 0.0
         deadline = time.monotonic() + 180
         while True:
             w = worker(tmp_path, fault_redis, media, f"w{restarts}", **env).start(60)
@@ -384,9 +387,11 @@ def test_a_poison_item_becomes_an_error_row_after_bounded_attempts(fault_redis, 
                 w.stop()
                 break
             assert w.proc.returncode == 13
+            killed_at = killed_at or time.time()
             restarts += 1
     # Then the job finishes with the poison row as an error after max_attempts crashes
     assert restarts == 2
+    report("poison item (from the first crash)", output, 7, killed_at)
     assert_exactly_once(output, 7, {"poison_item": 1})
 
 
@@ -408,9 +413,11 @@ def test_a_hanging_request_times_out_as_an_error_row(fault_redis, media, tmp_pat
     ).start(60)
     try:
         with CollectorThread(fault_redis):
+            enqueued_at = time.time()
             wait_done(fault_redis, enqueue(fault_redis, source, output), timeout_s=60)
     finally:
         w.stop()
+    report("hang (from the enqueue)", output, 4, enqueued_at)
     assert_exactly_once(output, 4, {"engine_timeout": 1})
 
 
@@ -422,6 +429,7 @@ def test_sigterm_finishes_or_requeues_in_flight_tasks(fault_redis, media, tmp_pa
     with CollectorThread(fault_redis):
         job_id = enqueue(fault_redis, source, output)
         wait_for(lambda: lines_written(output) >= 4, what="first rows")
+        killed_at = time.time()
         assert first.stop(60) == 0  # SIGTERM: a warm shutdown, exit status 0
         done_by_first = lines_written(output)
         assert done_by_first < 30
@@ -430,6 +438,7 @@ def test_sigterm_finishes_or_requeues_in_flight_tasks(fault_redis, media, tmp_pa
             wait_done(fault_redis, job_id, timeout_s=120)
         finally:
             second.stop()
+    report("SIGTERM", output, 30, killed_at)
     assert_exactly_once(output, 30)
 
 
@@ -462,12 +471,14 @@ def test_a_dead_engine_exits_the_worker_and_its_tasks_are_redelivered(
         assert engine_core, "no EngineCore child process found"
         for pid in engine_core:
             os.kill(int(pid), signal.SIGKILL)
+        killed_at = time.time()
         assert first.proc.wait(120) == 70, first.log()[-3000:]  # non-zero: a supervisor restarts it
         second = worker(tmp_path, fault_redis, media, "second", **env).start(300)
         try:
             wait_done_resending(fault_redis, job_id, source, output, timeout_s=300)
         finally:
             assert second.stop(120) == 0
+    report("dead engine", output, 12, killed_at)
     assert_exactly_once(output, 12)
 
 
