@@ -16,7 +16,8 @@ The marker outlives the commit (until the job finishes) because Redis itself may
 second of writes (``appendfsync everysec``, a machine crash): then the lines of a batch are on disk
 but the done-set add that recorded them is gone, and their results come back. Before each write the
 collector truncates the file back to the size its marker records, so those lines are written once,
-again, instead of twice.
+again, instead of twice. (If the lost second holds a job's first marker, nothing in Redis tells
+what the file held before: its lines stay, and come again.)
 One collector per set of output files: two collectors must not write the same job.
 """
 
@@ -106,12 +107,20 @@ class Collector:
                 raise
 
     def recover(self) -> None:
-        """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers."""
+        """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers.
+        The markers of open jobs stay, a dead consumer's taken over: they record what Redis knows is
+        written."""
         now = time.time()
+        open_jobs = set(jobs.unfinished_jobs(self.r))
+        pipe = self.r.pipeline(transaction=False)
         for job, marker in jobs.write_markers(self.r):
             if self._undo_unrecorded(marker, now) is None:
                 continue
-            job.clear_write_marker()
+            if job.job_id in open_jobs:
+                job.mark_writing(pipe, {"consumer": self.settings.consumer, "state": "committed", "t": now})
+            else:
+                job.clear_write_marker(pipe)
+        pipe.execute()
 
     def _undo_unrecorded(self, marker: dict[str, str], now: float) -> bool | None:
         """Truncates the marker's files back to its sizes: the bytes past them were never recorded
