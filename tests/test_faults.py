@@ -366,7 +366,7 @@ def test_a_redis_crash_mid_job_loses_nothing_and_repeats_nothing(crashable_redis
             w.stop()
     # A worker may exit with status 1 when Redis goes away under it (Kombu closes the lost
     # connection's channel while tasks still ack on it: "Unrecoverable error: AttributeError"); a
-    # supervisor restarts it. It must exit, not hang.
+    # supervisor restarts it. It must exit, not hang, and with a failure status.
     assert all(code == 1 for code in exits), exits
     print(f"\nworkers that exited on the Redis crash: {len(exits)}")
     # Then every row is in the output exactly once, and the job counts each once

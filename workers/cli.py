@@ -51,7 +51,10 @@ def worker(
     from producer.constants import QUEUE_GENERATE
     from workers.app import create_app
 
-    create_app(settings).worker_main(
+    # `Celery.start`, not `worker_main`, which drops the exit status: a worker Celery stops on an
+    # error (an "Unrecoverable error", say when Redis goes away under it) must exit non-zero, so
+    # that a supervisor restarting only failed processes restarts it.
+    code = create_app(settings).start(
         [
             "worker",
             "--pool",
@@ -70,6 +73,8 @@ def worker(
             "--without-mingle",
         ]
     )
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
