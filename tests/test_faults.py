@@ -375,6 +375,33 @@ def test_a_redis_crash_mid_job_loses_nothing_and_repeats_nothing(crashable_redis
     assert status.written == rows
 
 
+def test_a_worker_celery_stops_on_an_error_exits_with_a_failure_status(fault_redis, media):
+    # Given a worker whose consumer fails as Kombu's did when Redis crashed under it
+    script = (
+        "import sys\n"
+        "import celery.worker.consumer.consumer as consumer\n"
+        "def fail(self):\n"
+        "    raise AttributeError(\"'NoneType' object has no attribute 'hostname'\")\n"
+        "consumer.Consumer.start = fail\n"
+        "from workers.cli import main\n"
+        "sys.argv = ['imageqa', 'worker']\n"
+        "main()\n"
+    )
+    env = {
+        **os.environ,
+        "IMAGEQA_REDIS_URL": fault_redis,
+        "IMAGEQA_MEDIA_ROOTS": str(media),
+        "IMAGEQA_ENGINE": "fake",
+        "IMAGEQA_MODEL": "fake",
+        "IMAGEQA_METRICS_PORT": "0",
+    }
+    # When Celery stops it ("Unrecoverable error")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=120)
+    # Then it exits 1, for a supervisor that restarts only failed processes
+    assert b"Unrecoverable error" in done.stderr + done.stdout
+    assert done.returncode == 1
+
+
 def test_a_poison_item_becomes_an_error_row_after_bounded_attempts(fault_redis, media, tmp_path):
     # Given a job where one image crashes the worker process every time it is processed
     images = make_images(media, 6)
