@@ -132,7 +132,8 @@ def job_retrying_key(job_id: str) -> str:
 
 
 def job_writing_key(job_id: str) -> str:
-    """Hash: the collector's write marker (file sizes before a write) while a batch is in progress."""
+    """Hash: the collector's write marker: the file sizes Redis has a record of (before a batch is
+    written, then after it is committed), kept until the job finishes."""
     return f"{PREFIX}:job:{job_id}:writing"
 
 

@@ -335,6 +335,10 @@ class JobRecord:
         """Adds to ``pipe``: set the collector's write marker (what to undo if the write is torn)."""
         pipe.hset(constants.job_writing_key(self.job_id), mapping=marker)
 
+    def read_write_marker(self, pipe: redis.client.Pipeline) -> None:
+        """Adds to ``pipe``: read the collector's write marker (a dict, empty if there is none)."""
+        pipe.hgetall(constants.job_writing_key(self.job_id))
+
     def clear_write_marker(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Deletes the write marker, or adds that to ``pipe``."""
         (pipe if pipe is not None else self.r).delete(constants.job_writing_key(self.job_id))

@@ -48,9 +48,16 @@ def worker(
     """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*."""
     settings = worker_settings(model, engine, concurrency)
     setup_logging(loglevel)
+    from celery import signals as celery_signals
+
     from producer.constants import QUEUE_GENERATE
     from workers.app import create_app
 
+    # `worker_main` drops Celery's exit status; the worker's own is read as it shuts down. A worker
+    # Celery stops on an error (an "Unrecoverable error", say when Redis goes away under it) must
+    # exit non-zero, so that a supervisor restarting only failed processes restarts it.
+    exit_codes: list[int | None] = []
+    celery_signals.worker_shutdown.connect(lambda sender, **_: exit_codes.append(sender.exitcode), weak=False)
     create_app(settings).worker_main(
         [
             "worker",
@@ -70,6 +77,8 @@ def worker(
             "--without-mingle",
         ]
     )
+    if exit_codes and exit_codes[-1]:
+        raise typer.Exit(exit_codes[-1])
 
 
 @app.command()

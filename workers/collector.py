@@ -5,12 +5,20 @@ Reads the results stream with a consumer group and, per batch:
 1. drops item ids the job has already written (the job's done set);
 2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
 3. appends the lines and fsyncs;
-4. in one MULTI: adds the items to the done set, bumps the counters, deletes the markers, records
-   a declared job size (``job_total``), quarantines entries it cannot decode, acks.
+4. in one MULTI: adds the items to the done set, bumps the counters, sets the markers to the new
+   file sizes (marked committed), records a declared job size (``job_total``), quarantines entries it
+   cannot decode, acks.
 
 A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
 the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
 entries again. So every result lands exactly once, and no half-written line survives.
+
+The marker outlives the commit (until the job finishes) because Redis itself may lose the last
+second of writes (``appendfsync everysec``, a machine crash): then the lines of a batch are on disk
+but the done-set add that recorded them is gone, and their results come back. Before each write the
+collector truncates the file back to the size its marker records, so those lines are written once,
+again, instead of twice. (If the lost second holds a job's first marker, nothing in Redis tells
+what the file held before: its lines stay, and come again.)
 One collector per set of output files: two collectors must not write the same job.
 """
 
@@ -26,10 +34,11 @@ from typing import Any
 
 import orjson
 import redis
+from redis.typing import EncodableT, FieldT
 
-from producer import constants as k
 from producer import jobs
 from producer.broker import RETRYABLE, RedisBackoff, celery_app, queue_depth, redis_client, task_sender
+from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
 from producer.jobs import JobConfig, JobRecord
@@ -69,6 +78,7 @@ class Collector:
         self.stall = StallWatch(
             self.r, self._celery_app, check_s=settings.stall_check_s, grace_s=settings.stall_grace_s
         )
+        self._redis_lost_writes = False
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -79,6 +89,9 @@ class Collector:
                 self.start()
                 while not stop.is_set():
                     self.step(block_ms=self.settings.block_ms)
+                    if self._redis_lost_writes:  # the lost batch's entries may be pending with us
+                        self._redis_lost_writes = False
+                        self.start()
                     self.maybe_claim()
                     self.maybe_observe()
                     self.stall.maybe_check()
@@ -101,25 +114,42 @@ class Collector:
 
     def ensure_group(self) -> None:
         try:
-            self.r.xgroup_create(k.RESULTS_STREAM, k.COLLECTOR_GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(RESULTS_STREAM, COLLECTOR_GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
     def recover(self) -> None:
-        """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers."""
+        """Truncates files back to the sizes in this consumer's (or a long-dead one's) write markers.
+        The markers of open jobs stay, a dead consumer's taken over: they record what Redis knows is
+        written."""
         now = time.time()
+        open_jobs = set(jobs.unfinished_jobs(self.r))
+        pipe = self.r.pipeline(transaction=False)
         for job, marker in jobs.write_markers(self.r):
-            stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
-            if marker.get("consumer") != self.settings.consumer and not stale:
+            if self._undo_unrecorded(marker, now) is None:
                 continue
-            for name in ("output_path", "errors_path"):
-                path = marker.get(name)
-                size = int(marker.get(name.replace("path", "size"), -1))
-                if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
-                    log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
-                    os.truncate(path, size)
-            job.clear_write_marker()
+            if job.job_id in open_jobs:
+                job.mark_writing(pipe, {"consumer": self.settings.consumer, "state": "committed", "t": now})
+            else:
+                job.clear_write_marker(pipe)
+        pipe.execute()
+
+    def _undo_unrecorded(self, marker: dict[str, str], now: float) -> bool | None:
+        """Truncates the marker's files back to its sizes: the bytes past them were never recorded
+        in Redis. None if the marker is another live consumer's; else True if anything was cut."""
+        stale = now - float(marker.get("t", now)) > self.settings.claim_idle_s
+        if marker.get("consumer") != self.settings.consumer and not stale:
+            return None
+        cut = False
+        for name in ("output_path", "errors_path"):
+            path = marker.get(name)
+            size = int(marker.get(name.replace("path", "size"), -1))
+            if path and size >= 0 and os.path.exists(path) and os.path.getsize(path) > size:
+                log.warning("truncating %s back to %d bytes (an interrupted write)", path, size)
+                os.truncate(path, size)
+                cut = True
+        return cut
 
     def finish_open_jobs(self) -> None:
         """Marks done the jobs whose rows are all written but which are not marked finished: a
@@ -134,8 +164,8 @@ class Collector:
             return
         self._last_claim = time.monotonic()
         response: Any = self.r.xautoclaim(
-            k.RESULTS_STREAM,
-            k.COLLECTOR_GROUP,
+            RESULTS_STREAM,
+            COLLECTOR_GROUP,
             self.settings.consumer,
             min_idle_time=int(self.settings.claim_idle_s * 1000),
             count=self.settings.batch_size,
@@ -152,9 +182,9 @@ class Collector:
             return
         self._last_observe = time.monotonic()
         self.trim()
-        groups: Any = self.r.xinfo_groups(k.RESULTS_STREAM)
+        groups: Any = self.r.xinfo_groups(RESULTS_STREAM)
         for group in groups:
-            if group["name"] in (k.COLLECTOR_GROUP, k.COLLECTOR_GROUP.encode()):
+            if group["name"] in (COLLECTOR_GROUP, COLLECTOR_GROUP.encode()):
                 metrics.COLLECTOR_LAG.set(group.get("lag") or 0)
                 metrics.COLLECTOR_PENDING.set(group.get("pending") or 0)
         try:
@@ -166,7 +196,7 @@ class Collector:
         """Drops the results every consumer group has read and acknowledged, so the stream holds what
         is in flight, not the whole history of every job. Returns the number of entries dropped."""
         try:
-            groups: Any = self.r.xinfo_groups(k.RESULTS_STREAM)
+            groups: Any = self.r.xinfo_groups(RESULTS_STREAM)
         except redis.ResponseError:  # no stream yet
             return 0
         needed: list[tuple[int, int]] = []
@@ -174,20 +204,20 @@ class Collector:
             ms, seq = _stream_id(group["last-delivered-id"])
             needed.append((ms, seq + 1))  # the first entry not yet delivered to this group
             if group["pending"]:
-                oldest: Any = self.r.xpending(k.RESULTS_STREAM, group["name"])
+                oldest: Any = self.r.xpending(RESULTS_STREAM, group["name"])
                 needed.append(_stream_id(oldest["min"]))
         if not needed:
             return 0
         # Entries below the oldest one still needed were delivered to every group and acknowledged.
         ms, seq = min(needed)
-        dropped: int = self.r.xtrim(k.RESULTS_STREAM, minid=f"{ms}-{seq}", approximate=False)
+        dropped: int = self.r.xtrim(RESULTS_STREAM, minid=f"{ms}-{seq}", approximate=False)
         return dropped
 
     def step(self, start_id: str = ">", block_ms: int | None = None) -> int:
         response: Any = self.r.xreadgroup(
-            k.COLLECTOR_GROUP,
+            COLLECTOR_GROUP,
             self.settings.consumer,
-            {k.RESULTS_STREAM: start_id},
+            {RESULTS_STREAM: start_id},
             count=self.settings.batch_size,
             block=block_ms,
         )
@@ -230,6 +260,8 @@ class Collector:
         for job_id, batch in batches.items():
             if batch.job.finish_if_complete(self._send_task):
                 self._configs.pop(job_id, None)
+                if job_id in writing:
+                    batch.job.clear_write_marker()
 
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
         task_sender(self._celery_app())(name, queue, kwargs)
@@ -260,21 +292,23 @@ class Collector:
             }
 
     def _mark(self, writing: dict[str, _JobBatch]) -> None:
+        """Undoes what a Redis that lost its last writes no longer records, then sets the markers."""
         if not writing:
             return
         pipe = self.r.pipeline(transaction=False)
         for batch in writing.values():
-            batch.job.mark_writing(
-                pipe,
-                {
-                    "consumer": self.settings.consumer,
-                    "t": time.time(),
-                    "output_path": batch.config.output_path,
-                    "errors_path": batch.config.errors_path,
-                    "output_size": _size(batch.config.output_path),
-                    "errors_size": _size(batch.config.errors_path),
-                },
-            )
+            batch.job.read_write_marker(pipe)
+        now = time.time()
+        for batch, raw in zip(writing.values(), pipe.execute(), strict=True):
+            marker = {key.decode(): value.decode() for key, value in raw.items()}
+            if marker and self._undo_unrecorded(marker, now):
+                log.warning(
+                    "job %s: Redis lost the record of written rows; writing them again", batch.job.job_id
+                )
+                self._redis_lost_writes = True
+        pipe = self.r.pipeline(transaction=False)
+        for batch in writing.values():
+            batch.job.mark_writing(pipe, self._marker(batch.config, "writing"))
         pipe.execute()
 
     def _commit(
@@ -284,12 +318,12 @@ class Collector:
         batches: dict[str, _JobBatch],
         undecodable: list[tuple[bytes, dict[bytes, bytes], ContractError]],
     ) -> None:
-        """In one MULTI: the rows written are recorded, their markers deleted, declared job totals and
-        undecodable entries kept (`quarantine_entry`), and the entries acked."""
+        """In one MULTI: the rows written are recorded, their markers set to the new file sizes,
+        declared job totals and undecodable entries kept (`quarantine_entry`), and the entries acked."""
         pipe = self.r.pipeline(transaction=True)
         for batch in writing.values():
             batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
-            batch.job.clear_write_marker(pipe)
+            batch.job.mark_writing(pipe, self._marker(batch.config, "committed"))
             if batch.retried:
                 batch.job.clear_retrying(pipe, batch.retried)
         for batch in batches.values():
@@ -297,7 +331,7 @@ class Collector:
                 batch.job.declare_total(pipe, batch.declared_total)
         for entry_id, fields, error in undecodable:
             quarantine_entry(pipe, entry_id, fields, error, self.settings.consumer)
-        pipe.xack(k.RESULTS_STREAM, k.COLLECTOR_GROUP, *entry_ids)
+        pipe.xack(RESULTS_STREAM, COLLECTOR_GROUP, *entry_ids)
         pipe.execute()
 
     def _drop_retried(self, writing: dict[str, _JobBatch]) -> None:
@@ -312,6 +346,17 @@ class Collector:
                 pipe = self.r.pipeline(transaction=False)
                 batch.job.mark_writing(pipe, {"errors_size": size})
                 pipe.execute()
+
+    def _marker(self, config: JobConfig, state: str) -> dict[FieldT, EncodableT]:
+        return {
+            "consumer": self.settings.consumer,
+            "state": state,
+            "t": time.time(),
+            "output_path": config.output_path,
+            "errors_path": config.errors_path,
+            "output_size": _size(config.output_path),
+            "errors_size": _size(config.errors_path),
+        }
 
     def _config(self, job: JobRecord) -> JobConfig:
         if job.job_id not in self._configs:
@@ -392,7 +437,7 @@ def _append(path: Path, lines: list[bytes]) -> None:
 def run_collector(settings: CollectorSettings, stop: threading.Event | None = None) -> None:
     collector = Collector(settings)
     metrics.serve(settings.metrics_port, settings.metrics_address)
-    log.info("collector %s reading %s", settings.consumer, k.RESULTS_STREAM)
+    log.info("collector %s reading %s", settings.consumer, RESULTS_STREAM)
     started = time.monotonic()
     try:
         collector.run(stop)
