@@ -35,7 +35,8 @@ from workers.settings import CollectorSettings
 
 FAULT_DB_URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/10"
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
-FAST_REDELIVERY = {"IMAGEQA_VISIBILITY_TIMEOUT_S": "4", "IMAGEQA_RESTORE_INTERVAL_S": "1"}
+DELIVERY_SETTINGS = ("IMAGEQA_VISIBILITY_TIMEOUT_S", "IMAGEQA_RESTORE_INTERVAL_S", "IMAGEQA_BROKER_URL")
+"""Left at their defaults (whatever the shell has set): the fault tests run what users run."""
 
 
 @pytest.fixture
@@ -52,9 +53,12 @@ def worker(tmp_path: Path, redis_url: str, media: Path, name: str, **env: str) -
         "IMAGEQA_ENGINE": "fake",
         "IMAGEQA_MODEL": "fake",
         "IMAGEQA_CONCURRENCY": "8",
-        **FAST_REDELIVERY,
     }
-    return WorkerProcess({**base, **env}, tmp_path / f"{name}.log")
+    process = WorkerProcess({**base, **env}, tmp_path / f"{name}.log")
+    for key in DELIVERY_SETTINGS:
+        if key not in env:
+            process.env.pop(key, None)
+    return process
 
 
 def job_input(media: Path, count: int, **image_size: int) -> Path:
@@ -456,7 +460,6 @@ def test_a_hanging_request_times_out_as_an_error_row(fault_redis, media, tmp_pat
         "w",
         IMAGEQA_FAKE_FAULTS='{"11x19": "hang"}',
         IMAGEQA_TASK_TIME_LIMIT_S="32",
-        IMAGEQA_VISIBILITY_TIMEOUT_S="60",
     ).start(60)
     try:
         with CollectorThread(fault_redis):
@@ -505,7 +508,6 @@ def test_a_dead_engine_exits_the_worker_and_its_tasks_are_redelivered(
         "IMAGEQA_ENGINE": "vllm",
         "IMAGEQA_MODEL": str(tiny_model),
         "IMAGEQA_MAX_MODEL_LEN": "4096",
-        "IMAGEQA_VISIBILITY_TIMEOUT_S": "8",
     }
     first = worker(tmp_path, fault_redis, media, "first", **env).start(300)
     assert first.proc is not None
@@ -576,7 +578,6 @@ def test_enqueue_worker_and_collect_as_three_processes_on_the_real_engine(fault_
         "IMAGEQA_MODEL": str(tiny_model),
         "IMAGEQA_MAX_MODEL_LEN": "4096",
         "IMAGEQA_METRICS_PORT": "0",
-        "IMAGEQA_VISIBILITY_TIMEOUT_S": "30",  # 30 s: the default visibility timeout
     }
     rows = 6
     first_in = write_jsonl(
