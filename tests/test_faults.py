@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -167,13 +168,23 @@ def test_a_collector_killed_mid_batch_leaves_no_loss_duplicate_or_torn_line(faul
         started = time.time()
         proc = subprocess.Popen(collect, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        target = 60 * mid_batch  # each kill further into the job: 0, 60, 120... rows committed
-        while time.monotonic() < deadline:
-            written = int(r.hget(f"imageqa:job:{job_id}", "written") or 0)
-            if written >= target and _writing_since(r, marker_key, started):
-                break
-        proc.kill()  # only the collector: it is what the test is about
-        proc.wait(30)
+        target = 60 * min(mid_batch, 3)  # each kill further into the job: 0, 60, 120, 180 rows committed
+        try:
+            # The collector runs in short random slices and is frozen in between; a frozen collector
+            # whose marker says "writing" is between its marker and its commit, however busy the
+            # machine is, and the kill lands there.
+            while time.monotonic() < deadline:
+                time.sleep(random.uniform(0, 0.004))
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.02)  # what it sent before it stopped reaches Redis
+                written = int(r.hget(f"imageqa:job:{job_id}", "written") or 0)
+                assert written < rows, f"written first: {mid_batch} kills mid-batch, {past_committed} past"
+                if written >= target and _writing_since(r, marker_key, started):
+                    break
+                proc.send_signal(signal.SIGCONT)
+        finally:
+            proc.kill()  # only the collector: it is what the test is about
+            proc.wait(30)
         killed_at = time.time()
         if _writing_since(r, marker_key, started):  # the marker the kill froze: it landed mid-batch
             mid_batch += 1
