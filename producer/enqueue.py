@@ -11,6 +11,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
@@ -115,22 +116,12 @@ def enqueue_file(
                             counts["skipped"] += 1
                             continue
                         try:
-                            message = _message(raw, item_id, job_id, params, settings.image_key, base)
+                            message = build_message(raw, item_id, job_id, params, settings.image_key, base)
                         except InputError as e:
                             counts["rejected"] += 1
-                            publish(pipe, _rejected(raw, item_id, job_id, e))
+                            publish(pipe, rejected_record(raw, item_id, job_id, e))
                             continue
-                        app.send_task(
-                            TASK_GENERATE,
-                            kwargs=message.model_dump(mode="json"),
-                            queue=QUEUE_GENERATE,
-                            task_id=f"{job_id}:{item_id}",
-                            producer=producer,
-                            argsrepr="()",
-                            kwargsrepr=message.summary(),
-                            # The queue is declared with the first message; again per message is waste.
-                            declare=[] if counts["enqueued"] else None,
-                        )
+                        send_message(app, producer, message, declare=not counts["enqueued"])
                         counts["enqueued"] += 1
                 job.count_enqueued(pipe, sum(1 for d in done_flags if not d))
                 pipe.execute()
@@ -151,6 +142,21 @@ def enqueue_file(
     return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
 
 
+def send_message(app: Celery, producer: Any, message: TaskMessage, *, declare: bool) -> None:
+    """Publishes one ``imageqa.generate`` task on ``producer`` (inside its publish batch). ``declare``:
+    declare the queue with this message (the first of a pass; again per message is waste)."""
+    app.send_task(
+        TASK_GENERATE,
+        kwargs=message.model_dump(mode="json"),
+        queue=QUEUE_GENERATE,
+        task_id=f"{message.job_id}:{message.item_id}",
+        producer=producer,
+        argsrepr="()",
+        kwargsrepr=message.summary(),
+        declare=None if declare else [],
+    )
+
+
 def _wait_for_room(app: Celery, limit: int, queued: int, poll_s: float = 0.5) -> None:
     """Backpressure: waits until the workers have taken the queue down to 90% of ``limit``, so Redis
     holds a bounded number of tasks however long the input is."""
@@ -163,7 +169,7 @@ def _wait_for_room(app: Celery, limit: int, queued: int, poll_s: float = 0.5) ->
         time.sleep(poll_s)
 
 
-def _message(
+def build_message(
     raw: RawRow, item_id: str, job_id: str, params: GenerationParams, image_key: str, base: Path
 ) -> TaskMessage:
     if raw.error is not None:
@@ -185,7 +191,7 @@ def _message(
     )
 
 
-def _rejected(raw: RawRow, item_id: str, job_id: str, error: InputError) -> ResultRecord:
+def rejected_record(raw: RawRow, item_id: str, job_id: str, error: InputError) -> ResultRecord:
     return ResultRecord(
         job_id=job_id,
         item_id=item_id,

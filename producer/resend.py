@@ -18,8 +18,7 @@ from typing import TypeVar
 import redis
 from celery import Celery
 
-from producer.constants import QUEUE_GENERATE, TASK_GENERATE
-from producer.enqueue import _message, _rejected
+from producer.enqueue import build_message, rejected_record, send_message
 from producer.errors import ImageQAError, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows
 from producer.jobs import JobRecord, JobSource
@@ -58,23 +57,13 @@ def send_rows(
             with producer.batch(max_size=len(batch) + 1):
                 for raw, item_id in batch:
                     try:
-                        message = _message(
+                        message = build_message(
                             raw, item_id, job.job_id, source.params, source.image_key, source.media_base
                         )
                     except InputError as e:
-                        publish(pipe, _rejected(raw, item_id, job.job_id, e))
+                        publish(pipe, rejected_record(raw, item_id, job.job_id, e))
                         continue
-                    app.send_task(
-                        TASK_GENERATE,
-                        kwargs=message.model_dump(mode="json"),
-                        queue=QUEUE_GENERATE,
-                        task_id=f"{job.job_id}:{item_id}",
-                        producer=producer,
-                        argsrepr="()",
-                        kwargsrepr=message.summary(),
-                        # The queue is declared with the first message; again per message is waste.
-                        declare=[] if all_tasks + tasks else None,
-                    )
+                    send_message(app, producer, message, declare=not all_tasks + tasks)
                     tasks += 1
             job.count_enqueued(pipe, tasks)
             all_tasks += tasks
