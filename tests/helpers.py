@@ -147,3 +147,13 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``imageqa ARGS`` as a user runs it, on the Redis at ``redis_url``; its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env={**os.environ, "IMAGEQA_REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+    )

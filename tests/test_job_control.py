@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,19 +17,22 @@ from producer.constants import QUEUE_GENERATE, job_events_channel
 from producer.contract import GenerationParams
 from producer.enqueue import enqueue_file
 from producer.settings import ProducerSettings
-from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+from tests.helpers import (
+    CollectorThread,
+    WorkerProcess,
+    make_images,
+    read_jsonl,
+    run_cli,
+    wait_done,
+    write_jsonl,
+)
 
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
 URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/11"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env={**os.environ, "IMAGEQA_REDIS_URL": URL},
-        capture_output=True,
-        text=True,
-    )
+    return run_cli(URL, *args)
 
 
 def test_cancel_skips_the_rest_and_every_row_is_still_accounted_for(media, tmp_path):

@@ -7,7 +7,6 @@ import http.server
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,15 @@ from producer.jobs import JobRecord, job_status
 from producer.results import publish
 from producer.retry import retry_job
 from producer.settings import ProducerSettings
-from tests.helpers import CollectorThread, WorkerProcess, make_images, read_jsonl, wait_done, write_jsonl
+from tests.helpers import (
+    CollectorThread,
+    WorkerProcess,
+    make_images,
+    read_jsonl,
+    run_cli,
+    wait_done,
+    write_jsonl,
+)
 from workers import collector as collector_module
 from workers import retried, stall
 from workers.collector import Collector
@@ -35,12 +42,7 @@ URL = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379") + "/9"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        env={**os.environ, "IMAGEQA_REDIS_URL": URL},
-        capture_output=True,
-        text=True,
-    )
+    return run_cli(URL, *args)
 
 
 @pytest.fixture(scope="module")
