@@ -24,11 +24,13 @@ demo: model
 test: setup
 	@bash ops/ensure_redis.sh
 	@bash ops/ensure_rabbitmq.sh
+	@bash ops/ensure_chromium.sh
 	$(PY) -m pytest
 
 test-fast: setup
 	@bash ops/ensure_redis.sh
 	@bash ops/ensure_rabbitmq.sh
+	@bash ops/ensure_chromium.sh
 	$(PY) -m pytest -m "not engine"
 
 lint: setup
