@@ -16,7 +16,9 @@ from workers.parsing import QUESTION_MARKS, parse_answer, parse_qa_output
 
 CORPUS_PATH = Path(__file__).parent / "data" / "qa_outputs.jsonl"
 CORPUS = [json.loads(line) for line in CORPUS_PATH.read_text("utf-8").splitlines() if line.strip()]
-SHAPES = {"json", "json_fenced", "json_embedded", "json_partial", "labelled", "lines", "none"}
+SHAPES = {
+    "json", "json_fenced", "json_embedded", "json_partial", "tagged", "table", "labelled", "lines", "none",
+}  # fmt: skip
 
 
 def test_the_corpus_covers_every_shape():
@@ -50,6 +52,30 @@ def test_every_question_mark_ends_a_question(template, shape, mark):
     parsed = parse_qa_output(template.format(mark=mark))
     assert parsed.shape == shape
     assert parsed.pairs == [(f"What is shown{mark}", "A cat."), (f"Who is there{mark}", "Nobody.")]
+
+
+def test_a_conversation_pairs_each_user_turn_with_the_next_assistant_turn():
+    turns = [
+        {"role": "system", "content": "You label images."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Who is there?"},
+        {"role": "user", "content": "Where is it?"},
+        {"role": "assistant", "content": "In a garden."},
+        {"role": "assistant", "content": "Anything else?"},
+    ]
+    parsed = parse_qa_output(json.dumps(turns))
+    assert parsed.pairs == [("What is shown?", "A cat."), ("Where is it?", "In a garden.")]
+    assert parsed.malformed == 2, "a user turn without its answer, an answer without its question"
+
+
+def test_role_words_inside_prose_are_not_turns():
+    assert parse_qa_output("The user: a man in a red coat.\nThe assistant: nobody.").pairs == []
+    truncated = (
+        "<question>What is shown?</question><answer>A cat.</answer>"
+        "<question>Who is there?</question><answer>No"
+    )
+    assert parse_qa_output(truncated).pairs == [("What is shown?", "A cat."), ("Who is there?", "No")]
 
 
 def test_valid_json_without_pairs_is_not_read_as_text():
@@ -156,6 +182,10 @@ TEXT_LINES = st.sampled_from(
         "Q{n}: {q}\nA{n}: {a}",
         "{n}. **Question:** {q}\n   **Answer:** {a}\n",
         "{n}. {q} {a}",
+        "<question>{q}</question><answer>{a}</answer>",
+        "<q>{q}</q>\n<a>{a}</a>",
+        "User: {q}\nAssistant: {a}",
+        "Human: {q} GPT: {a}",
     ]
 )
 

@@ -8,16 +8,23 @@ in order, and keeps the first that yields pairs:
 2. JSON inside Markdown code fences (``json_fenced``);
 3. JSON values embedded in other text, e.g. followed by a remark, or one object per line
    (``json_embedded``);
-4. complete pairs out of truncated JSON (``json_partial``);
-5. labelled text: ``Question: ... Answer: ...`` (on one line or several), ``Q1:``/``A1:``,
-   ``**Question 1:**``, numbered or bulleted (``labelled``);
-6. lines: ``1. What is shown? A cat.``, or a question line followed by its answer line (``lines``).
+4. complete pairs out of truncated JSON, or Python-style lists of tuples (``json_partial``);
+5. tag-delimited pairs: ``<question>...</question><answer>...</answer>`` (also ``<q>``/``<a>``),
+   inside any wrapping tags (``tagged``);
+6. a Markdown table with a question and an answer column (``table``);
+7. labelled text: ``Question: ... Answer: ...`` (on one line or several), ``Q1:``/``A1:``,
+   ``**Question 1:**``, numbered or bulleted, and conversation turns ``User:``/``Assistant:``,
+   ``Human:``/``GPT:`` (``labelled``);
+8. lines: ``1. What is shown? A cat.``, or a question line followed by its answer line (``lines``).
 
-In JSON a pair is an object with ``question``/``answer`` keys (also ``q``/``a``, any case), a
-two-item list, or a ``{"question?": "answer"}`` mapping; the list of pairs may be the top value or
-sit under any key. `parse_qa_output` never raises; what it cannot read counts as ``malformed``.
-Reasoning blocks (``<think>...</think>``) are ignored. Nothing here judges the pairs: `workers.qa`
-does.
+In JSON a pair is an object with ``question``/``answer`` keys (also ``q``/``a``, any case, or
+``instruction``/``output``), a two-item list, or a ``{"question?": "answer"}`` mapping; the list of
+pairs may be the top value or sit under any key. A list of conversation turns pairs each user turn
+with the assistant turn after it: ``{"from": "human"|"gpt", "value": ...}`` (LLaVA/ShareGPT) or
+``{"role": "user"|"assistant", "content": ...}`` (OpenAI-style, the content a string or a list of
+parts), also under a ``conversations`` or ``messages`` key; image tokens (``<image>``) are removed.
+`parse_qa_output` never raises; what it cannot read counts as ``malformed``. Reasoning blocks
+(``<think>...</think>``) are ignored. Nothing here judges the pairs: `workers.qa` does.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ _PARTIAL = re.compile(  # "question": "...", "answer": "..." with double or sing
 )
 _LABEL = re.compile(
     r"(?<![^\s,;|>(\[*_#~])"  # at the start, or after a space, punctuation or markup
-    r"[*_]{0,3}(?P<kind>question|answer|q|a)[ \t]*(?P<num>\d{1,3})?[ \t]*[*_]{0,3}[ \t]*"
+    r"[*_]{0,3}(?P<kind>question|answer|q|a|user|human|assistant|gpt)"
+    r"[ \t]*(?P<num>\d{1,3})?[ \t]*[*_]{0,3}[ \t]*"
     r"(?P<sep>[:\uff1a]|[.)\-\u2013\u2014](?=[ \t])|(?=[ \t]*\n))[*_]{0,3}",
     re.IGNORECASE,
 )
@@ -63,7 +71,27 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _ANSWER_PREFIX = re.compile(r"^(?:answer|a)[ \t]*\d{0,3}[ \t]*[:\uff1a]\s*", re.IGNORECASE)
 _QUESTION_KEYS = ("question", "q", "query")
 _ANSWER_KEYS = ("answer", "a", "ans", "reply")
-_LIST_KEYS = ("qa_pairs", "pairs", "qa", "questions", "qas", "items", "data", "results", "output")
+_INSTRUCTION_KEYS = ("instruction", "prompt")  # instruction-tuning rows: a pair only with both keys
+_OUTPUT_KEYS = ("output", "response", "completion")
+_LIST_KEYS = (
+    "qa_pairs", "pairs", "qa", "questions", "qas", "items", "data", "results", "output", "conversations",
+    "messages",
+)  # fmt: skip
+_TUPLE = re.compile(  # ("question", "answer") or ['question', 'answer'] in Python-style text
+    r"""[(\[]\s*(?P<qq>["'])(?P<q>(?:(?!(?P=qq))[^\\\n]|\\.)*)(?P=qq)\s*,\s*"""
+    r"""(?P<aq>["'])(?P<a>(?:(?!(?P=aq))[^\\\n]|\\.)*)(?P=aq)\s*[)\]]"""
+)
+_TAG = re.compile(
+    r"<(?P<tag>question|answer|q|a)(?:\s[^<>]*)?>(?P<content>.*?)(?:</(?P=tag)\s*>|(?=<(?:question|q)\b)|\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
+_TABLE_ROW = re.compile(r"^\s*\|(.*)\|\s*$")
+_TABLE_RULE = re.compile(r"^[\s|:\-]+$")
+_IMAGE_TOKEN = re.compile(r"<\|?(?:image|img)(?:_\d+)?\|?>|<\|vision_start\|>.*?<\|vision_end\|>", re.I)
+_TRAILING_ARROW = re.compile(r"\s*(?:->|=>|\u2192|[-\u2013\u2014|])+$")
+_USER_ROLES = frozenset({"user", "human"})
+_ASSISTANT_ROLES = frozenset({"assistant", "gpt", "model", "bot"})
+_ROLE_LABELS = frozenset({"user", "human", "assistant", "gpt"})
 
 
 @dataclass(frozen=True)
@@ -129,8 +157,16 @@ def _parse_text(text: str, depth: int) -> ParsedOutput:
     if found.pairs:
         return _shaped(found, "json_embedded")
     partial = [(_unescape(m, "q"), _unescape(m, "a")) for m in _PARTIAL.finditer(text)]
+    if not partial:
+        partial = [(_unescape(m, "q"), _unescape(m, "a")) for m in _TUPLE.finditer(text)]
     if partial:
         return ParsedOutput(partial, 0, "json_partial")
+    found = _tagged(text)
+    if found.pairs:
+        return _shaped(found, "tagged")
+    found = _table(text)
+    if found.pairs:
+        return _shaped(found, "table")
     found = _labelled(text)
     if found.pairs:
         return _shaped(found, "labelled")
@@ -226,6 +262,9 @@ def _parallel(questions: Any, answers: Any) -> ParsedOutput:
 def _from_list(items: list[Any]) -> ParsedOutput:
     """Pairs in a list; empty unless some item is about pairs (an object with a question or answer
     key, or a two-item list), and then the other items are malformed."""
+    turns = _turns(items)
+    if turns is not None:
+        return turns
     pairs: list[tuple[str, str]] = []
     malformed = 0
     about_pairs = False
@@ -244,6 +283,53 @@ def _from_list(items: list[Any]) -> ParsedOutput:
     return ParsedOutput(pairs, malformed) if about_pairs else ParsedOutput()
 
 
+def _turns(items: list[Any]) -> ParsedOutput | None:
+    """A conversation: each user turn's text paired with the assistant turn after it. None when the
+    list is not one (no item names a role)."""
+    roles = [_role(item) for item in items]
+    if not any(roles):
+        return None
+    pairs: list[tuple[str, str]] = []
+    malformed = 0
+    pending: str | None = None
+    for item, role in zip(items, roles, strict=True):
+        text = _turn_text(item) if role else None
+        if role == "user" and text is not None:
+            malformed += pending is not None
+            pending = text
+        elif role == "assistant" and text is not None and pending is not None:
+            pairs.append((pending, text))
+            pending = None
+        elif role != "system":
+            malformed += 1
+    return ParsedOutput(pairs, malformed + (pending is not None))
+
+
+def _role(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    keyed = {str(key).strip().lower(): value for key, value in item.items()}
+    role = keyed.get("from", keyed.get("role"))
+    if not isinstance(role, str):
+        return None
+    role = role.strip().lower()
+    if role in _USER_ROLES:
+        return "user"
+    if role in _ASSISTANT_ROLES:
+        return "assistant"
+    return "system" if role in ("system", "developer") else None
+
+
+def _turn_text(item: dict[Any, Any]) -> str | None:
+    keyed = {str(key).strip().lower(): value for key, value in item.items()}
+    content = keyed.get("value", keyed.get("content"))
+    if isinstance(content, list):  # OpenAI-style parts: keep the text ones
+        parts = [part.get("text") for part in content if isinstance(part, dict)]
+        content = "\n".join(p for p in parts if isinstance(p, str)) if any(parts) else None
+    text = _scalar(content)
+    return None if text is None else _IMAGE_TOKEN.sub("", text).strip()
+
+
 def _pair_from_dict(item: dict[Any, Any]) -> tuple[str, str] | bool | None:
     """(question, answer); False when the object names a question or answer but is not a pair; None
     when it is not about pairs at all."""
@@ -255,7 +341,11 @@ def _pair_from_dict(item: dict[Any, Any]) -> tuple[str, str] | bool | None:
         elif name in _ANSWER_KEYS and answer is _NOTHING:
             answer = value
     if question is _NOTHING and answer is _NOTHING:
-        return None
+        keyed = {str(key).strip().lower(): value for key, value in item.items()}
+        instruction = next((keyed[k] for k in _INSTRUCTION_KEYS if k in keyed), None)
+        output = next((keyed[k] for k in _OUTPUT_KEYS if k in keyed), None)
+        q, a = _scalar(instruction), _scalar(output)
+        return (q, a) if q is not None and a is not None else None
     q, a = _scalar(question), _scalar(answer)
     if q is None or a is None:
         return False
@@ -283,12 +373,47 @@ def _unescape(match: re.Match[str], name: str) -> str:
     return value if isinstance(value, str) else text
 
 
+def _tagged(text: str) -> ParsedOutput:
+    """``<question>...</question><answer>...</answer>``, wherever the tags are."""
+    segments: list[tuple[str, str | None, str]] = []
+    for match in _TAG.finditer(text):
+        kind = "q" if match.group("tag").lower().startswith("q") else "a"
+        segments.append((kind, None, _tidy(_IMAGE_TOKEN.sub("", match.group("content")))))
+    return _pair_in_order(segments) if segments else ParsedOutput()
+
+
+def _table(text: str) -> ParsedOutput:
+    """A Markdown table whose header names a question column and an answer column."""
+    columns: tuple[int, int] | None = None
+    pairs: list[tuple[str, str]] = []
+    malformed = 0
+    for line in text.split("\n"):
+        row = _TABLE_ROW.match(line)
+        if row is None:
+            columns = None if pairs else columns
+            continue
+        cells = [_tidy(cell) for cell in row.group(1).split("|")]
+        if _TABLE_RULE.match(row.group(1)):
+            continue
+        names = [cell.lower().rstrip(":") for cell in cells]
+        q_col = next((i for i, n in enumerate(names) if n in ("question", "questions", "q")), None)
+        a_col = next((i for i, n in enumerate(names) if n in ("answer", "answers", "a")), None)
+        if q_col is not None and a_col is not None:
+            columns = (q_col, a_col)
+        elif columns is not None:
+            if max(columns) < len(cells) and cells[columns[0]] and cells[columns[1]]:
+                pairs.append((cells[columns[0]], cells[columns[1]]))
+            else:
+                malformed += 1
+    return ParsedOutput(pairs, malformed)
+
+
 def _labelled(text: str) -> ParsedOutput:
     segments: list[tuple[str, str | None, str]] = []  # (kind, number, content)
     matches = [m for m in _LABEL.finditer(text) if _is_label(text, m)]
     for i, match in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        kind = "q" if match.group("kind").lower().startswith("q") else "a"
+        kind = "q" if match.group("kind").lower() in ("q", "question", "user", "human") else "a"
         segments.append((kind, match.group("num"), _segment(text[match.end() : end])))
     if not segments:
         return ParsedOutput()
@@ -301,6 +426,9 @@ def _is_label(text: str, match: re.Match[str]) -> bool:
     before = text[max(0, match.start() - 64) : match.start()].rstrip(" \t*_#>-")  # a bounded look back
     before = re.sub(r"\d{1,3}[.)]$", "", before).rstrip(" \t")
     line_start = not before or before[-1] == "\n"
+    if kind.lower() in _ROLE_LABELS:  # a conversation turn: "User:" opens a line or follows a sentence
+        opens = line_start or before[-1] in f"{QUESTION_MARKS}.!"
+        return sep in (":", "\uff1a") and number is None and opens
     if not sep:  # "Question 1" alone on its line, as a heading
         return line_start
     if len(kind) > 1:
@@ -313,9 +441,9 @@ def _is_label(text: str, match: re.Match[str]) -> bool:
 
 
 def _segment(content: str) -> str:
-    content = _BLANK_LINE.split(content.strip(), 1)[0]
+    content = _BLANK_LINE.split(_IMAGE_TOKEN.sub("", content).strip(), 1)[0]
     lines = [line for line in content.split("\n") if not _MARKUP_ONLY.match(line)]
-    return _tidy(" ".join(lines)).rstrip(",;").strip()
+    return _TRAILING_ARROW.sub("", _tidy(" ".join(lines)).rstrip(",;")).strip()
 
 
 def _tidy(text: str) -> str:
