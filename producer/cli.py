@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from producer.broker import celery_app, check_redis, redis_client
-from producer.contract import PROMPT_NAMES, PROMPT_VERSION, GenerationParams, json_schemas
+from producer.contract import PROMPT_NAMES, PROMPT_VERSION, QA_TYPES, GenerationParams, json_schemas
 from producer.enqueue import enqueue_file
 from producer.errors import TRANSIENT, ErrorCode, ImageQAError
 from producer.jobs import JobRecord, JobStatus, job_status, list_jobs
@@ -108,6 +108,41 @@ VerifyOption = Annotated[
     ),
 ]
 
+TypesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--types",
+        help="Least pairs of each question type per row, e.g. count=1,spatial=1 (types: "
+        f"{', '.join(QA_TYPES)}).",
+        rich_help_panel=_QUALITY,
+    ),
+]
+MinTypesOption = Annotated[
+    int, typer.Option("--min-types", help="Least distinct question types per row.", rich_help_panel=_QUALITY)
+]
+MaxTemplateShareOption = Annotated[
+    float | None,
+    typer.Option(
+        "--max-template-share",
+        help="Drop pairs whose question template already has this share (0-1] of the job's pairs.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+
+
+def parse_types(value: str | None) -> dict[str, int]:
+    """``count=1,spatial=2`` (``count`` alone is ``count=1``) as a dict; raises ``typer.BadParameter``."""
+    quotas: dict[str, int] = {}
+    for part in (value or "").split(","):
+        name, _, number = part.strip().partition("=")
+        if not name.strip():
+            continue
+        try:
+            quotas[name.strip().lower()] = int(number) if number.strip() else 1
+        except ValueError:
+            raise typer.BadParameter(f"{part!r}: expected TYPE=N", param_hint="--types") from None
+    return quotas
+
 
 def generation_params(
     model: ModelOption = None,
@@ -125,6 +160,9 @@ def generation_params(
     skip_checks: SkipCheckOption = None,
     tries: TriesOption = 3,
     verify: VerifyOption = False,
+    types: TypesOption = None,
+    min_types: MinTypesOption = 0,
+    max_template_share: MaxTemplateShareOption = None,
 ) -> GenerationParams:
     """`GenerationParams` from command-line options (declared here, for every command that generates:
     `with_generation_options`); raises ``typer.BadParameter``."""
@@ -158,6 +196,9 @@ def generation_params(
             reject_restated="restated" not in skipped,
             generation_tries=tries,
             verify=verify,
+            types=parse_types(types),
+            min_types=min_types,
+            max_template_share=max_template_share,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

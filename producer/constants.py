@@ -103,6 +103,8 @@ JOB_REJECTED_PREFIX = "rejected:"
 
 JOB_QA_PREFIX = "qa:"
 """Job hash counters ``qa:pairs``, ``qa:tries``, ``qa:verified``, ``qa:agreed``: pair figures."""
+JOB_TYPE_PREFIX = "type:"
+"""Job hash counters ``type:<question type>``: written pairs by question type."""
 
 
 def job_key(job_id: str) -> str:

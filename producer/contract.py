@@ -17,11 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from producer.errors import ContractError
 
 SCHEMA_VERSION: Literal[1] = 1
-PROMPT_VERSION = "qa-v2"
+PROMPT_VERSION = "qa-v3"
 """Version of the default prompt; part of every item id, so a new prompt regenerates everything."""
-PROMPT_NAMES = ("qa-v2", "qa-v1", "dataflow")
-"""Built-in prompts a worker knows (``prompt_version``): the default JSON prompt, its first version, and
-a DataFlow-style prompt that asks for ``Question: ... Answer: ...`` lines."""
+PROMPT_NAMES = ("qa-v3", "qa-v2", "qa-v1", "dataflow")
+"""Built-in prompts a worker knows (``prompt_version``): the default JSON prompt (pairs with their
+question type), its untyped predecessors, and a DataFlow-style prompt that asks for
+``Question: ... Answer: ...`` lines."""
+QA_TYPES: dict[str, str] = {
+    "object": "what a thing is, or whether something is present",
+    "count": "how many of something there are",
+    "attribute": "a colour, shape, size, material or state",
+    "spatial": "where things are, relative to each other or in the frame",
+    "text": "visible text, numbers or signs (OCR)",
+    "action": "what a person or animal is doing",
+    "scene": "the place, setting, time of day or weather",
+    "reasoning": "a conclusion from several visible facts",
+}
+"""The question types a pair may carry (``QAPair.type``), with what each asks about."""
 MAX_PROMPT_CHARS = 20_000
 """Longest user prompt template or system prompt, in characters."""
 
@@ -89,6 +101,21 @@ class GenerationParams(_Frozen):
         description="Ask the model each question again without the answer; drop pairs whose answers "
         "disagree.",
     )
+    types: dict[str, int] = Field(
+        default_factory=dict,
+        description="Least number of pairs of each question type (QA_TYPES) in every row; the model "
+        "is asked for them, and again for the missing ones.",
+    )
+    min_types: int = Field(
+        default=0, ge=0, le=len(QA_TYPES), description="Least number of distinct question types per row."
+    )
+    max_template_share: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Drop a pair (template_overused) whose question template already has this share "
+        "of the job's kept pairs (near-duplicate templates count together).",
+    )
 
     @model_validator(mode="after")
     def _pairs_range(self) -> GenerationParams:
@@ -98,7 +125,21 @@ class GenerationParams(_Frozen):
             low, high = getattr(self, f"min_{name}_chars"), getattr(self, f"max_{name}_chars")
             if low > high:
                 raise ValueError(f"min_{name}_chars ({low}) is greater than max_{name}_chars ({high})")
+        unknown = sorted(set(self.types) - set(QA_TYPES))
+        if unknown:
+            raise ValueError(f"unknown question types {unknown} (known: {', '.join(QA_TYPES)})")
+        if any(n < 1 for n in self.types.values()) or sum(self.types.values()) > self.max_pairs:
+            raise ValueError(
+                f"types ask for 1 or more pairs each, at most max_pairs ({self.max_pairs}) in all"
+            )
+        if self.min_types > self.max_pairs:
+            raise ValueError(f"min_types ({self.min_types}) is greater than max_pairs ({self.max_pairs})")
         return self
+
+    @property
+    def wants_types(self) -> bool:
+        """True when rows need pairs of given types (``types`` or ``min_types``)."""
+        return bool(self.types) or self.min_types > 0
 
     def fingerprint(self) -> str:
         """A stable hash of the parameters: two equal fingerprints mean the same output settings."""
@@ -156,6 +197,7 @@ class TaskMessage(_Frozen):
 class QAPair(_Frozen):
     question: str
     answer: str
+    type: str | None = Field(default=None, description="The question type (QA_TYPES), when known.")
 
 
 class ErrorInfo(_Frozen):
@@ -212,7 +254,7 @@ class ResultRecord(_Frozen):
 def output_row(record: ResultRecord, output_key: str) -> dict[str, Any]:
     """The output line for a successful record: the original row plus the pairs under output_key."""
     row = dict(record.row) if isinstance(record.row, dict) else {"row": record.row}
-    row[output_key] = [p.model_dump() for p in record.qa_pairs or []]
+    row[output_key] = [p.model_dump(exclude_none=True) for p in record.qa_pairs or []]
     return row
 
 

@@ -58,6 +58,8 @@ class JobStatus:
     """Rows the collector sent again after they were lost in transit (`workers.stall`)."""
     retried: int = 0
     """Failed rows taken back by ``imageqa retry`` (`producer.retry`), over every retry."""
+    types: dict[str, int] = field(default_factory=dict)
+    """Written pairs by question type (``QAPair.type``; pairs without one are not counted)."""
 
     @property
     def agreement_rate(self) -> float | None:
@@ -472,6 +474,7 @@ def _counters(records: Collection[ResultRecord]) -> Counter[str]:
         if rec.error is not None:
             counts[constants.JOB_FAILED_PREFIX + rec.error.code] += 1
         counts[constants.JOB_QA_PREFIX + "pairs"] += len(rec.qa_pairs or ())
+        counts.update(constants.JOB_TYPE_PREFIX + p.type for p in rec.qa_pairs or () if p.type)
         if rec.qa_stats is not None:
             counts[constants.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
             counts[constants.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
@@ -511,6 +514,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         quarantined=int(h.get(constants.JOB_QUARANTINED, 0)),
         resent=int(h.get(constants.JOB_RESENT, 0)),
         retried=int(h.get(constants.JOB_RETRIED, 0)),
+        types=_prefixed(h, constants.JOB_TYPE_PREFIX),
     )
 
 

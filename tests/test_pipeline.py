@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from producer.broker import redis_client
-from producer.contract import GenerationParams
+from producer.contract import QA_TYPES, GenerationParams
 from producer.enqueue import enqueue_file
 from producer.jobs import job_status
 from producer.settings import ProducerSettings
@@ -42,7 +42,8 @@ def assert_pairs(row: dict) -> None:
     pairs = row["qa_pairs"]
     assert isinstance(pairs, list) and 3 <= len(pairs) <= 5
     for pair in pairs:
-        assert set(pair) == {"question", "answer"}
+        assert set(pair) == {"question", "answer", "type"}, "the default prompt asks for question types"
+        assert pair["type"] in QA_TYPES
         assert isinstance(pair["question"], str) and pair["question"].strip()
         assert isinstance(pair["answer"], str) and pair["answer"].strip()
 

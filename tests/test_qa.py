@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from producer.contract import GenerationParams, QAPair, QAStats
+from producer.contract import QA_TYPES, GenerationParams, QAPair, QAStats
 from producer.errors import PromptError, QAValidationError
 from workers.prompts import prompt_spec, qa_schema, retry_prompt, verify_spec
 from workers.qa import REASONS, PairPool, Rejection, answers_agree, check_output, check_pairs
@@ -189,8 +189,9 @@ def test_schema_bounds_every_string_and_the_pair_count():
 def test_default_prompt_asks_for_the_count_and_the_kinds_of_question_as_json():
     text = prompt_spec(PARAMS, 1).text
     assert "2 to 3" in text and "JSON" in text and '"qa_pairs"' in text and "images" not in text
-    for kind in ("counts", "colours", "spatial relations", "scene", "visible text", "question mark"):
+    for kind in ("how many", "colour", "where things are", "scene", "visible text", "question mark"):
         assert kind in text
+    assert all(f"{name} (" in text for name in QA_TYPES) and '"type": "..."' in text
     assert "images" in prompt_spec(GenerationParams(min_pairs=4, max_pairs=4), 2).text
     spec = prompt_spec(PARAMS, 1)
     assert spec.json_schema == qa_schema(PARAMS) and spec.system_prompt

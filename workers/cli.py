@@ -236,7 +236,7 @@ def parse_qa(
             "line": number,
             "ok": ok,
             "shape": check.shape,
-            "qa_pairs": [p.model_dump() for p in check.pairs],
+            "qa_pairs": [p.model_dump(exclude_none=True) for p in check.pairs],
             "rejected": [
                 {"reason": r.reason, "question": r.question, "answer": r.answer} for r in check.rejected
             ],

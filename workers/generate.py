@@ -106,7 +106,7 @@ def _generate(
         if attempt and remaining_s < 1:
             log.warning("job %s item %s: no time left to ask again", message.job_id, message.item_id)
             break
-        request = _request(message, spec, images, params, attempt, [p.question for p in pool.pairs])
+        request = _request(message, spec, images, params, attempt, [p.question for p in pool.pairs], pool)
         text = _run(runtime, runtime.engine.generate(request), remaining_s)
         pool.tries += 1
         with metrics.stage("validate"):
@@ -137,6 +137,7 @@ def _request(
     params: GenerationParams,
     attempt: int,
     taken: list[str],
+    pool: PairPool | None = None,
 ) -> EngineRequest:
     temperature = params.temperature
     if attempt and temperature == 0:
@@ -145,11 +146,18 @@ def _request(
     return EngineRequest(
         request_id=f"{message.job_id}:{message.item_id}:{attempt}:{time.monotonic_ns()}",
         images=images,
-        prompt=retry_prompt(spec.text, taken) if attempt else spec.text,
+        prompt=_retry_prompt(spec.text, taken, pool) if attempt else spec.text,
         system_prompt=spec.system_prompt,
         json_schema=spec.json_schema,
         sampling=SamplingSettings(temperature=temperature, top_p=params.top_p, max_tokens=params.max_tokens),
     )
+
+
+def _retry_prompt(text: str, taken: list[str], pool: PairPool | None) -> str:
+    missing = pool.missing() if pool is not None else None
+    if not missing:
+        return retry_prompt(text, taken)
+    return retry_prompt(text, taken, missing.counts, missing.distinct)
 
 
 def _verify(

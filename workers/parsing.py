@@ -71,6 +71,7 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _ANSWER_PREFIX = re.compile(r"^(?:answer|a)[ \t]*\d{0,3}[ \t]*[:\uff1a]\s*", re.IGNORECASE)
 _QUESTION_KEYS = ("question", "q", "query")
 _ANSWER_KEYS = ("answer", "a", "ans", "reply")
+_TYPE_KEYS = ("type", "question_type", "category", "kind")
 _INSTRUCTION_KEYS = ("instruction", "prompt")  # instruction-tuning rows: a pair only with both keys
 _OUTPUT_KEYS = ("output", "response", "completion")
 _LIST_KEYS = (
@@ -101,6 +102,12 @@ class ParsedOutput:
     pairs: list[tuple[str, str]] = field(default_factory=list)
     malformed: int = 0
     shape: str = "none"
+    types: list[str | None] = field(default_factory=list)
+    """The question type each JSON pair names (``type``, ``question_type``, ``category``, ``kind``),
+    by position; shorter than ``pairs`` (or empty) where none is named. `pair_types` pads it."""
+
+    def pair_types(self) -> list[str | None]:
+        return (self.types + [None] * len(self.pairs))[: len(self.pairs)]
 
 
 def parse_qa_output(text: str) -> ParsedOutput:
@@ -184,7 +191,7 @@ def _clean(text: str) -> str:
 
 
 def _shaped(found: ParsedOutput, shape: str) -> ParsedOutput:
-    return ParsedOutput(found.pairs, found.malformed, shape)
+    return ParsedOutput(found.pairs, found.malformed, shape, found.types)
 
 
 def _loads(text: str) -> Any:
@@ -198,6 +205,7 @@ def _embedded(text: str, depth: int) -> ParsedOutput:
     """Every JSON value that starts at a brace or bracket, outside earlier values."""
     decoder = json.JSONDecoder()
     pairs: list[tuple[str, str]] = []
+    types: list[str | None] = []
     malformed = 0
     position, tries = 0, 0
     while tries < MAX_JSON_STARTS:
@@ -211,10 +219,11 @@ def _embedded(text: str, depth: int) -> ParsedOutput:
             position = match.start() + 1
             continue
         found = _from_json(value, depth)
+        types += found.pair_types()
         pairs += found.pairs
         malformed += found.malformed
         position = max(end, match.start() + 1)
-    return ParsedOutput(pairs, malformed)
+    return ParsedOutput(pairs, malformed, types=types)
 
 
 def _from_json(value: Any, depth: int) -> ParsedOutput:
@@ -229,7 +238,7 @@ def _from_json(value: Any, depth: int) -> ParsedOutput:
         return ParsedOutput()
     single = _pair_from_dict(value)
     if isinstance(single, tuple):
-        return ParsedOutput([single])
+        return ParsedOutput([single], types=[_type_of(value)])
     if single is False:
         return ParsedOutput([], 1)
     keyed = {str(key).strip().lower(): item for key, item in value.items()}
@@ -266,21 +275,26 @@ def _from_list(items: list[Any]) -> ParsedOutput:
     if turns is not None:
         return turns
     pairs: list[tuple[str, str]] = []
+    types: list[str | None] = []
     malformed = 0
     about_pairs = False
     for item in items:
         pair: tuple[str, str] | bool | None = None
         if isinstance(item, dict):
             pair = _pair_from_dict(item)
+            if isinstance(pair, tuple):
+                types.append(_type_of(item))
         elif isinstance(item, list) and len(item) == 2:
             q, a = _scalar(item[0]), _scalar(item[1])
             pair = (q, a) if q is not None and a is not None else None
+            if pair is not None:
+                types.append(None)
         about_pairs = about_pairs or pair is not None
         if isinstance(pair, tuple):
             pairs.append(pair)
         else:
             malformed += 1
-    return ParsedOutput(pairs, malformed) if about_pairs else ParsedOutput()
+    return ParsedOutput(pairs, malformed, types=types) if about_pairs else ParsedOutput()
 
 
 def _turns(items: list[Any]) -> ParsedOutput | None:
@@ -350,6 +364,13 @@ def _pair_from_dict(item: dict[Any, Any]) -> tuple[str, str] | bool | None:
     if q is None or a is None:
         return False
     return (q, a)
+
+
+def _type_of(item: dict[Any, Any]) -> str | None:
+    for key, value in item.items():
+        if str(key).strip().lower() in _TYPE_KEYS and isinstance(value, str):
+            return value
+    return None
 
 
 def _scalar(value: Any) -> str | None:

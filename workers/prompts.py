@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from producer.contract import GenerationParams
+from producer.contract import QA_TYPES, GenerationParams
 from producer.errors import PromptError
 from workers.parsing import QUESTION_MARKS
 
@@ -34,6 +34,7 @@ VERIFY_TEMPERATURE = 0.0
 _CHAR = r"[^\s\p{Cc}]"
 _WORDS = rf"(?:{_CHAR}+ )*{_CHAR}*[\p{{L}}\p{{N}}]{_CHAR}*(?: {_CHAR}+)*"
 _EXAMPLE = '{"qa_pairs": [{"question": "...", "answer": "..."}]}'
+_TYPED_EXAMPLE = '{"qa_pairs": [{"question": "...", "answer": "...", "type": "..."}]}'
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,22 @@ class Template:
     json_output: bool
     """True: the answer is JSON and the request carries the schema. False: free text."""
     system_prompt: str = SYSTEM_PROMPT
+    typed: bool = False
+    """True: every pair carries its question type (`QA_TYPES`), in the text and the schema."""
 
 
 _TEMPLATES: dict[str, Template] = {
+    "qa-v3": Template(
+        "Look at the {image_word}. Write {count} question-answer pairs about what is visible, each of "
+        "a different type where possible. Give every pair its type, one of: {types}. "
+        "Every question must be answerable from the {image_word} alone, without outside knowledge, "
+        "must end with a question mark and must differ from the others. Every answer must be short, "
+        "specific and correct: never a refusal, a placeholder or the question repeated. "
+        "Reply with JSON only, in the form {example}.",
+        json_output=True,
+        typed=True,
+    ),
+    # The default before question types, kept so that tasks enqueued with it still run.
     "qa-v2": Template(
         "Look at the {image_word}. Write {count} question-answer pairs about what is visible, each of "
         "a different kind where possible: objects and their counts, colours and other attributes, "
@@ -77,7 +91,7 @@ _TEMPLATES: dict[str, Template] = {
     ),
 }
 _PLACEHOLDER = re.compile(
-    r"\{(count|min_pairs|max_pairs|schema|example|image_word|max_question_chars|max_answer_chars)\}"
+    r"\{(count|min_pairs|max_pairs|schema|example|image_word|max_question_chars|max_answer_chars|types)\}"
 )
 
 
@@ -98,8 +112,11 @@ def prompt_spec(params: GenerationParams, n_images: int) -> PromptSpec:
     template = _template(params)
     schema = qa_schema(params) if template.json_output else None
     system = template.system_prompt if params.system_prompt is None else params.system_prompt
+    text = render(template.text, params, n_images)
+    if params.wants_types:
+        text += "\n" + type_request(params.types, params.min_types, typed_template=template.typed)
     return PromptSpec(
-        text=render(template.text, params, n_images),
+        text=text,
         system_prompt=system or None,
         json_schema=schema,
     )
@@ -122,7 +139,8 @@ def render(template: str, params: GenerationParams, n_images: int) -> str:
         "min_pairs": str(params.min_pairs),
         "max_pairs": str(params.max_pairs),
         "schema": json.dumps(qa_schema(params), ensure_ascii=False, separators=(",", ":")),
-        "example": _EXAMPLE,
+        "example": _TYPED_EXAMPLE if typed(params) else _EXAMPLE,
+        "types": type_list(),
         "image_word": "images" if n_images > 1 else "image",
         "max_question_chars": str(params.max_question_chars),
         "max_answer_chars": str(params.max_answer_chars),
@@ -136,18 +154,55 @@ def pair_count(params: GenerationParams) -> str:
     return f"{params.min_pairs} to {params.max_pairs}"
 
 
-def retry_prompt(text: str, accepted_questions: Sequence[str]) -> str:
-    """The prompt of a regeneration: the same request, asking for questions not yet accepted."""
-    if not accepted_questions:
-        return text
-    listed = "\n".join(f"- {q}" for q in accepted_questions)
-    return f"{text}\n\nThese questions are taken already; write different ones:\n{listed}"
+def retry_prompt(
+    text: str,
+    accepted_questions: Sequence[str],
+    missing_types: Mapping[str, int] | None = None,
+    more_types: int = 0,
+) -> str:
+    """The prompt of a regeneration: the same request, asking for questions not yet accepted and
+    for the question types the row still lacks."""
+    if accepted_questions:
+        listed = "\n".join(f"- {q}" for q in accepted_questions)
+        text = f"{text}\n\nThese questions are taken already; write different ones:\n{listed}"
+    if missing_types or more_types:
+        text += "\n\nStill missing: " + type_request(missing_types or {}, more_types, typed_template=True)
+    return text
+
+
+def type_list() -> str:
+    """The taxonomy as the prompts name it: ``object (what a thing is ...), count (...), ...``."""
+    return ", ".join(f"{name} ({meaning})" for name, meaning in QA_TYPES.items())
+
+
+def type_request(counts: Mapping[str, int], distinct: int, *, typed_template: bool) -> str:
+    """A sentence asking for pairs of given types and for a number of distinct types."""
+    wanted = []
+    if counts:
+        wanted.append(", ".join(f"{n} {kind} question{'s' if n > 1 else ''}" for kind, n in counts.items()))
+    if distinct:
+        wanted.append(f"questions of at least {distinct} different types")
+    sentence = f"Include at least {' and '.join(wanted)}."
+    if not typed_template:
+        sentence += f" Give every pair its type, one of: {type_list()}."
+    return sentence
+
+
+def typed(params: GenerationParams) -> bool:
+    """Whether pairs carry a type: the template asks for it, or the job sets type quotas."""
+    return params.wants_types or (params.prompt_template is None and _template(params).typed)
 
 
 def qa_schema(params: GenerationParams) -> dict[str, Any]:
     """The answer's JSON schema. Every string has ``maxLength``: without it random or rambling output
     runs to max_tokens."""
     question = _text(params.min_question_chars, params.max_question_chars, params.require_question_mark)
+    pair: dict[str, Any] = {
+        "question": question,
+        "answer": _text(params.min_answer_chars, params.max_answer_chars, False),
+    }
+    if typed(params):
+        pair["type"] = {"type": "string", "enum": list(QA_TYPES)}
     return {
         "type": "object",
         "properties": {
@@ -157,11 +212,8 @@ def qa_schema(params: GenerationParams) -> dict[str, Any]:
                 "maxItems": params.max_pairs,
                 "items": {
                     "type": "object",
-                    "properties": {
-                        "question": question,
-                        "answer": _text(params.min_answer_chars, params.max_answer_chars, False),
-                    },
-                    "required": ["question", "answer"],
+                    "properties": pair,
+                    "required": list(pair),
                     "additionalProperties": False,
                 },
             }

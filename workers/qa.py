@@ -12,7 +12,10 @@ letter or digit; ``question_placeholder``/``answer_placeholder`` template text (
 question mark; ``answer_restates_question`` the answer is the question again; ``duplicate_question``
 the same question as a kept one (after normalisation); ``over_max_pairs`` beyond ``max_pairs``;
 ``unverified`` the verification pass answered differently. ``unparseable`` counts outputs with
-no pairs at all.
+no pairs at all. Question types (`QA_TYPES`): ``type_invalid`` a type outside the taxonomy (after
+synonyms: ``ocr`` is ``text``, ``color`` is ``attribute``, ...); ``type_missing`` no type while the
+job sets type quotas; ``type_surplus`` a valid pair left out to keep room for the types a row still
+lacks. ``template_overused`` is the job-wide template share (`workers.diversity`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from producer.contract import GenerationParams, QAPair, QAStats
+from producer.contract import QA_TYPES, GenerationParams, QAPair, QAStats
 from producer.errors import QAValidationError
 from workers.parsing import QUESTION_MARKS, parse_qa_output
 
@@ -36,6 +39,7 @@ REASONS = frozenset(
         "answer_placeholder", "question_refusal", "answer_refusal", "question_too_short",
         "question_too_long", "not_a_question", "answer_too_short", "answer_too_long",
         "answer_restates_question", "duplicate_question", "over_max_pairs", "unverified",
+        "type_invalid", "type_missing", "type_surplus", "template_overused",
     }
 )  # fmt: skip
 """Every rejection reason (stable codes: they are counted per job as ``rejected:<reason>``)."""
@@ -75,6 +79,29 @@ _NON_ANSWER = re.compile(
     r"|(?:it is|it's) (?:not possible|impossible|unclear|hard|difficult) to (?:tell|say|determine|know"
     r"|see))\b"
 )
+
+
+_TYPE_SYNONYMS = {
+    "objects": "object", "object recognition": "object", "identification": "object", "presence": "object",
+    "existence": "object", "recognition": "object", "counting": "count", "quantity": "count",
+    "number": "count", "numbers": "count", "attributes": "attribute", "color": "attribute",
+    "colour": "attribute", "shape": "attribute", "size": "attribute", "material": "attribute",
+    "position": "spatial", "location": "spatial", "spatial relation": "spatial",
+    "spatial relations": "spatial", "relation": "spatial", "ocr": "text", "text ocr": "text",
+    "reading": "text", "visible text": "text", "activity": "action", "actions": "action",
+    "setting": "scene", "environment": "scene", "weather": "scene", "inference": "reasoning",
+    "commonsense": "reasoning", "logic": "reasoning", "why": "reasoning",
+}  # fmt: skip
+
+
+def question_type(value: str | None) -> str | None:
+    """The taxonomy name (`QA_TYPES`) of a type label a model wrote, or None when it names none.
+    Case, punctuation and common synonyms ("OCR", "color", "counting") are forgiven."""
+    if value is None:
+        return None
+    key = normal(value).replace("_", " ")
+    key = key.removesuffix(" question").removesuffix(" questions")
+    return key if key in QA_TYPES else _TYPE_SYNONYMS.get(key)
 
 
 class CheckedPair(BaseModel):
@@ -157,7 +184,7 @@ def check_output(text: str, params: GenerationParams, seen: set[str] | None = No
     ``seen`` holds normalised questions already kept (by an earlier try): repeats are duplicates.
     """
     parsed = parse_qa_output(text)
-    check = check_pairs(parsed.pairs, params, seen)
+    check = check_pairs(parsed.pairs, params, seen, types=parsed.pair_types())
     check.shape = parsed.shape
     check.rejected[:0] = [Rejection("malformed")] * parsed.malformed
     if not parsed.pairs and not parsed.malformed:
@@ -166,12 +193,18 @@ def check_output(text: str, params: GenerationParams, seen: set[str] | None = No
 
 
 def check_pairs(
-    pairs: Iterable[tuple[str, str]], params: GenerationParams, seen: set[str] | None = None
+    pairs: Iterable[tuple[str, str]],
+    params: GenerationParams,
+    seen: set[str] | None = None,
+    types: Iterable[str | None] = (),
 ) -> QACheck:
-    """Keeps the pairs that pass every rule, in order; at most ``max_pairs``."""
+    """Keeps the pairs that pass every rule, in order; at most ``max_pairs`` (with type quotas, the
+    pool chooses among them: `PairPool.accept`). ``types`` are the labels the model gave, by position."""
     check = QACheck(pairs=[])
     seen = set(seen or ())
-    for question, answer in pairs:
+    labels = list(types)
+    for i, (question, answer) in enumerate(pairs):
+        label = labels[i] if i < len(labels) else None
         try:
             pair = CheckedPair.model_validate(
                 {"question": question, "answer": answer}, context={"params": params}
@@ -181,21 +214,64 @@ def check_pairs(
             reason = reason if reason in REASONS else "malformed"
             check.rejected.append(Rejection(reason, _short(question), _short(answer)))
             continue
+        kind = question_type(label)
+        if label is not None and kind is None and label.strip():
+            check.rejected.append(Rejection("type_invalid", pair.question, pair.answer))
+            continue
+        if kind is None and params.wants_types:
+            check.rejected.append(Rejection("type_missing", pair.question, pair.answer))
+            continue
         key = normal(pair.question)
         if key in seen:
             check.rejected.append(Rejection("duplicate_question", pair.question, pair.answer))
             continue
-        if len(check.pairs) >= params.max_pairs:
+        if len(check.pairs) >= params.max_pairs and not params.wants_types:
             check.rejected.append(Rejection("over_max_pairs", pair.question, pair.answer))
             continue
         seen.add(key)
-        check.pairs.append(QAPair(question=pair.question, answer=pair.answer))
+        check.pairs.append(QAPair(question=pair.question, answer=pair.answer, type=kind))
     return check
 
 
-def shortage(valid: int, params: GenerationParams, reasons: dict[str, int]) -> QAValidationError:
+def shortage(
+    valid: int, params: GenerationParams, reasons: dict[str, int], missing: TypeNeed | None = None
+) -> QAValidationError:
     counted = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none"
-    return QAValidationError(f"{valid} valid pairs, need at least {params.min_pairs} (rejected: {counted})")
+    lacking = f"; missing types: {missing.describe()}" if missing else ""
+    return QAValidationError(
+        f"{valid} valid pairs, need at least {params.min_pairs}{lacking} (rejected: {counted})"
+    )
+
+
+@dataclass(frozen=True)
+class TypeNeed:
+    """What a row still lacks: pairs of given types, and more distinct types."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    distinct: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.counts) or self.distinct > 0
+
+    @property
+    def slots(self) -> int:
+        """Pairs it takes at least."""
+        return sum(self.counts.values()) + self.distinct
+
+    def describe(self) -> str:
+        parts = [f"{kind} {n}" for kind, n in self.counts.items()]
+        if self.distinct:
+            parts.append(f"{self.distinct} more distinct")
+        return ", ".join(parts)
+
+
+def type_need(params: GenerationParams, kinds: Iterable[str | None]) -> TypeNeed:
+    """What pairs of ``kinds`` still lack of ``params.types`` and ``params.min_types``."""
+    have = Counter(k for k in kinds if k is not None)
+    counts = {kind: n - have[kind] for kind, n in params.types.items() if have[kind] < n}
+    # Types a quota still needs will be distinct ones too; count only the rest.
+    distinct = max(0, params.min_types - len(set(have) | set(counts)))
+    return TypeNeed(counts, distinct)
 
 
 class PairPool:
@@ -212,26 +288,53 @@ class PairPool:
 
     @property
     def enough(self) -> bool:
-        return len(self.pairs) >= self.params.min_pairs
+        return len(self.pairs) >= self.params.min_pairs and not self.missing()
+
+    def missing(self) -> TypeNeed:
+        """The types this row still lacks (empty without ``types``/``min_types``)."""
+        return type_need(self.params, (p.type for p in self.pairs))
 
     def reject(self, rejections: Iterable[Rejection]) -> None:
         self.reasons.update(r.reason for r in rejections)
 
-    def accept(self, pairs: Iterable[QAPair]) -> None:
+    def admissible(self, pairs: Iterable[QAPair]) -> tuple[list[QAPair], list[Rejection]]:
+        """Which of ``pairs`` `accept` would keep, and why it would drop the others; changes nothing."""
+        kept: list[QAPair] = []
+        dropped: list[Rejection] = []
+        seen = set(self.seen)
         for pair in pairs:
             key = normal(pair.question)
-            if key in self.seen:
-                self.reasons["duplicate_question"] += 1
-            elif len(self.pairs) >= self.params.max_pairs:
-                self.reasons["over_max_pairs"] += 1
+            room = self.params.max_pairs - len(self.pairs) - len(kept)
+            if key in seen:
+                dropped.append(Rejection("duplicate_question", pair.question, pair.answer))
+            elif room <= 0:
+                dropped.append(Rejection("over_max_pairs", pair.question, pair.answer))
+            elif not self._fits(kept, pair, room):
+                dropped.append(Rejection("type_surplus", pair.question, pair.answer))
             else:
-                self.seen.add(key)
-                self.pairs.append(pair)
+                seen.add(key)
+                kept.append(pair)
+        return kept, dropped
+
+    def _fits(self, kept: list[QAPair], pair: QAPair, room: int) -> bool:
+        """A pair fits while the room left after it still holds every pair of a type still needed."""
+        if not self.params.wants_types:
+            return True
+        kinds = [p.type for p in self.pairs + kept]
+        before, after = type_need(self.params, kinds), type_need(self.params, [*kinds, pair.type])
+        return after.slots < before.slots or room - 1 >= after.slots
+
+    def accept(self, pairs: Iterable[QAPair]) -> None:
+        kept, dropped = self.admissible(pairs)
+        self.reject(dropped)
+        for pair in kept:
+            self.seen.add(normal(pair.question))
+            self.pairs.append(pair)
 
     def result(self) -> list[QAPair]:
-        """The pairs; raises `QAValidationError` when fewer than ``min_pairs``."""
+        """The pairs; raises `QAValidationError` when fewer than ``min_pairs`` or types are missing."""
         if not self.enough:
-            raise shortage(len(self.pairs), self.params, dict(self.reasons))
+            raise shortage(len(self.pairs), self.params, dict(self.reasons), self.missing())
         return list(self.pairs)
 
     def stats(self) -> QAStats:

@@ -101,7 +101,7 @@ def _output_row(
     index: int, row: dict[str, Any], result: RowResult | None, output_key: str, error_key: str
 ) -> dict[str, Any]:
     if result is not None and result.pairs is not None:
-        return {**row, output_key: [pair.model_dump() for pair in result.pairs]}
+        return {**row, output_key: [pair.model_dump(include={"question", "answer"}) for pair in result.pairs]}
     error = result.error if result is not None and result.error is not None else _no_result()
     log.warning("row %d: %s: %s", index, error.code, error.message)
     return {**row, output_key: [], error_key: error.model_dump()}

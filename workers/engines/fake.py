@@ -55,18 +55,25 @@ class FakeEngine(Engine):
         digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
         sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
         pairs = [
-            {"question": f"How many images ({digest})?", "answer": str(len(request.images))},
-            {"question": "What size is the image?", "answer": sizes},
-            {"question": "What colour dominates the picture?", "answer": _dominant(request)},
+            {"question": f"How many images ({digest})?", "answer": str(len(request.images)), "type": "count"},
+            {"question": "What size is the image?", "answer": sizes, "type": "attribute"},
+            {
+                "question": "What colour dominates the picture?",
+                "answer": _dominant(request),
+                "type": "attribute",
+            },
         ]
         if _asks_one_answer(request):
             known = {p["question"]: p["answer"] for p in pairs}
             asked = next((q for q in known if q in request.prompt), None)
             return orjson.dumps({"answer": known[asked] if asked else "unknown"}).decode()
         limits = _max_lengths(request)
+        typed = _typed(request)
         for pair in pairs:
             for key, limit in limits.items():
                 pair[key] = pair[key][:limit]
+            if not typed:  # a schema without types forbids the key
+                del pair["type"]
         return orjson.dumps({"qa_pairs": pairs}).decode()
 
     async def shutdown(self) -> None:
@@ -82,6 +89,13 @@ def _dominant(request: EngineRequest) -> str:
 def _asks_one_answer(request: EngineRequest) -> bool:
     schema = request.json_schema or {}
     return set(schema.get("properties", {})) == {"answer"}
+
+
+def _typed(request: EngineRequest) -> bool:
+    try:
+        return "type" in request.json_schema["properties"]["qa_pairs"]["items"]["properties"]  # type: ignore[index]
+    except (TypeError, KeyError):
+        return False
 
 
 def _max_lengths(request: EngineRequest) -> dict[str, int]:
