@@ -139,6 +139,22 @@ def job_writing_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:writing"
 
 
+def job_questions_key(job_id: str) -> str:
+    """HyperLogLog: the normalised questions of the job's written pairs (distinct count, ~1% error)."""
+    return f"{PREFIX}:job:{job_id}:questions"
+
+
+def job_templates_key(job_id: str) -> str:
+    """Sorted set: question template (`producer.templates`) -> written pairs with it."""
+    return f"{PREFIX}:job:{job_id}:templates"
+
+
+def job_template_gate_key(job_id: str) -> str:
+    """Hash: the workers' template-share gate (`workers.diversity`): kept pairs in all, by template
+    group, and the MinHash bands that lead a near-duplicate template to its group."""
+    return f"{PREFIX}:job:{job_id}:template-gate"
+
+
 def job_pass_key(job_id: str, token: str) -> str:
     """Prefix of one enqueue pass's scratch keys (the row digests it has seen), deleted when it ends."""
     return f"{PREFIX}:job:{job_id}:pass:{token}"

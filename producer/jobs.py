@@ -24,6 +24,10 @@ from redis.typing import EncodableT, FieldT
 from producer import constants
 from producer.broker import queue_depth
 from producer.contract import GenerationParams, ResultRecord
+from producer.templates import normal_question, question_template
+
+TOP_TEMPLATES = 10
+"""Question templates the job status lists (``diversity.top_templates``)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class JobStatus:
     """Failed rows taken back by ``imageqa retry`` (`producer.retry`), over every retry."""
     types: dict[str, int] = field(default_factory=dict)
     """Written pairs by question type (``QAPair.type``; pairs without one are not counted)."""
+    diversity: dict[str, Any] = field(default_factory=dict)
+    """Over the written pairs: ``distinct_question_share`` (distinct normalised questions / pairs,
+    None before any pair) and ``top_templates`` (``[[template, pairs], ...]``, most used first)."""
 
     @property
     def agreement_rate(self) -> float | None:
@@ -278,6 +285,9 @@ class JobRecord:
             constants.job_done_key(self.job_id),
             constants.job_attempts_key(self.job_id),
             constants.job_retrying_key(self.job_id),
+            constants.job_questions_key(self.job_id),
+            constants.job_templates_key(self.job_id),
+            constants.job_template_gate_key(self.job_id),
         )
 
     def lost_in_transit(self, status: JobStatus, broker: Celery | str | None = None) -> bool:
@@ -359,6 +369,11 @@ class JobRecord:
         pipe.hincrby(self.key, constants.JOB_FAILED, failed)
         for name, count in _counters(records).items():
             pipe.hincrby(self.key, name, count)
+        questions = [p.question for rec in records for p in rec.qa_pairs or ()]
+        if questions:
+            pipe.pfadd(constants.job_questions_key(self.job_id), *{normal_question(q) for q in questions})
+            for template, count in Counter(question_template(q) for q in questions).items():
+                pipe.zincrby(constants.job_templates_key(self.job_id), count, template)
 
     def declare_total(self, pipe: redis.client.Pipeline, total: int) -> None:
         """Adds to ``pipe``: an application that enqueues without registering the job says it has
@@ -490,10 +505,13 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
     pipe = r.pipeline()
     pipe.hgetall(constants.job_key(job_id))
     pipe.scard(constants.job_items_key(job_id))
-    raw, total = pipe.execute()
+    pipe.pfcount(constants.job_questions_key(job_id))
+    pipe.zrevrange(constants.job_templates_key(job_id), 0, TOP_TEMPLATES - 1, withscores=True)
+    raw, total, distinct, templates = pipe.execute()
     if not raw:
         return None
     h = {key.decode(): value.decode() for key, value in raw.items()}
+    pairs = int(h.get(constants.JOB_QA_PREFIX + "pairs", 0))
     return JobStatus(
         job_id=job_id,
         state=h.get(constants.JOB_STATE, "unknown"),
@@ -515,6 +533,10 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         resent=int(h.get(constants.JOB_RESENT, 0)),
         retried=int(h.get(constants.JOB_RETRIED, 0)),
         types=_prefixed(h, constants.JOB_TYPE_PREFIX),
+        diversity={
+            "distinct_question_share": round(min(1.0, distinct / pairs), 4) if pairs else None,
+            "top_templates": [[t.decode(), int(n)] for t, n in templates],
+        },
     )
 
 

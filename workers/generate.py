@@ -21,6 +21,7 @@ from PIL.Image import Image
 from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord, TaskMessage
 from producer.errors import ErrorCode, GenerationError, ImageQAError
 from workers import metrics
+from workers.diversity import TemplateGate
 from workers.engines.base import Engine, EngineDead, EngineRequest, SamplingSettings
 from workers.images import load_image
 from workers.parsing import parse_answer
@@ -41,16 +42,22 @@ WORKER_NAME = f"{os.uname().nodename}:{os.getpid()}"
 T = TypeVar("T")
 
 
-def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettings) -> ResultRecord:
+def process(
+    message: TaskMessage,
+    runtime: EngineRuntime,
+    settings: WorkerSettings,
+    templates: TemplateGate | None = None,
+) -> ResultRecord:
     """Never raises for a problem with this item: every failure becomes an error record.
 
     Raises `EngineDead` only, when the engine itself is gone. The record carries ``qa_stats`` (tries,
     rejected pairs by reason, verification counts) once the engine has answered at least once.
+    ``templates`` is the job-wide gate of ``max_template_share`` (without it the share is not checked).
     """
     started = time.perf_counter()
     pool = PairPool(message.params)
     try:
-        pairs = _generate(message, runtime, settings, pool)
+        pairs = _generate(message, runtime, settings, pool, templates)
         outcome: dict[str, object] = {"qa_pairs": pairs}
     except ImageQAError as e:
         outcome = {"error": ErrorInfo(code=e.code, message=e.message)}
@@ -89,7 +96,11 @@ def process(message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettin
 
 
 def _generate(
-    message: TaskMessage, runtime: EngineRuntime, settings: WorkerSettings, pool: PairPool
+    message: TaskMessage,
+    runtime: EngineRuntime,
+    settings: WorkerSettings,
+    pool: PairPool,
+    templates: TemplateGate | None = None,
 ) -> list[QAPair]:
     params = message.params
     if params.model and params.model != settings.engine.model:
@@ -115,6 +126,12 @@ def _generate(
         kept = check.pairs
         if params.verify and kept:
             kept = _verify(message, runtime, images, kept, pool, deadline)
+        if params.max_template_share is not None and templates is not None and kept:
+            # The job-wide share is the last check: it counts the pairs it lets through.
+            kept, dropped = pool.admissible(kept)
+            pool.reject(dropped)
+            kept, overused = templates.admit(message.job_id, kept, params.max_template_share)
+            pool.reject(overused)
         pool.accept(kept)
         if pool.enough:
             break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from producer.quarantine import quarantine
 from producer.results import publish
 from workers import metrics
 from workers.app import results_client, runtime, worker_settings
+from workers.diversity import TemplateGate
 from workers.engines.base import EngineDead
 from workers.generate import WORKER_NAME, process
 from workers.isolation import IsolationGate
@@ -128,13 +130,18 @@ def _run(message: TaskMessage, attempts: int) -> ResultRecord:
         )
     try:
         with metrics.IN_FLIGHT.track_inprogress():
-            return process(message, runtime(), settings)
+            return process(message, runtime(), settings, _template_gate())
     except EngineDead as e:
         # Not this item's fault: leave its message unacked (it is redelivered) and let the
         # supervisor restart the worker with a fresh engine.
         log.critical("the engine died (%s); exiting so the worker is restarted", e)
         logging.shutdown()
         os._exit(EXIT_ENGINE_DEAD)
+
+
+@functools.cache
+def _template_gate() -> TemplateGate:
+    return TemplateGate(results_client())
 
 
 def _error(kwargs: dict[str, Any], error: ErrorInfo) -> ResultRecord:
