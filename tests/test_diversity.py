@@ -159,3 +159,37 @@ def test_the_template_share_drops_pairs_across_the_job(fake_cluster, media, tmp_
     assert report["rejected"] == {"template_overused": 1 + 2 + 27, "duplicate_question": 4}
     assert report["failures"] == {"qa_invalid": 4}
     assert report["qa"]["pairs"] == 18
+
+
+@pytest.mark.engine
+def test_types_and_template_share_run_end_to_end_on_the_real_engine(engine_cluster, media, tmp_path):
+    from producer.contract import QA_TYPES
+    from tests.helpers import EXAMPLES, read_jsonl
+    from workers.qa import REASONS
+
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    for photo in photos:  # the worker reads images under its media root only
+        (media / photo.name).write_bytes(photo.read_bytes())
+    rows = [{"image": photo.name} for photo in photos]
+    source = write_jsonl(media / "in.jsonl", rows)
+    params = SHORT.model_copy(
+        update={"types": {"count": 1}, "min_types": 2, "max_template_share": 0.5, "generation_tries": 5}
+    )
+    job_id = enqueue_and_wait(engine_cluster, source, tmp_path / "out.jsonl", params)
+
+    report = status_json(engine_cluster, job_id)
+    written = read_jsonl(tmp_path / "out.jsonl")
+    failed = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert (report["written"], report["failed"]) == (len(written), len(failed))
+    assert len(written) + len(failed) == len(rows)
+    for row in written:  # constrained decoding writes a type from the taxonomy for every pair
+        kinds = [pair["type"] for pair in row["qa_pairs"]]
+        assert set(kinds) <= set(QA_TYPES) and "count" in kinds and len(set(kinds)) >= 2
+    assert all(e["error"]["code"] == "qa_invalid" for e in failed), failed
+    assert all("missing types" in e["error"]["message"] for e in failed)
+    assert sum(report["types"].values()) == report["qa"].get("pairs", 0)
+    assert set(report["rejected"]) <= REASONS
+    diversity = report["diversity"]
+    if written:
+        assert 0 < diversity["distinct_question_share"] <= 1
+        assert 0 < sum(n for _, n in diversity["top_templates"]) <= report["qa"]["pairs"]
