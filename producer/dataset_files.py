@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,7 +160,7 @@ def saved_dataset_files(folder: Location, split: str | None) -> list[Location]:
 def hub_dataset_files(root: Location, split: str | None) -> list[Location]:
     """The Parquet files of a dataset repository (``hf://datasets/ORG/NAME``, or a folder laid out
     the same way) that hold ``split`` (default ``train`` if there is one, else all of them): files
-    named ``SPLIT-*.parquet`` or ``SPLIT.parquet``, or under a folder named ``SPLIT``."""
+    named ``SPLIT-00000-of-00002.parquet`` or ``SPLIT.parquet``, or ``SPLIT/0000.parquet``."""
     if isinstance(root, Path):
         found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))
     else:
@@ -173,8 +174,7 @@ def hub_dataset_files(root: Location, split: str | None) -> list[Location]:
         raise InputError(f"no Parquet files in {root}", code=ErrorCode.INPUT_NOT_FOUND)
     by_split: dict[str, list[str]] = {}
     for rel in found:
-        for name in _splits_of(rel):
-            by_split.setdefault(name, []).append(rel)
+        by_split.setdefault(_split_of(rel), []).append(rel)
     if split is None and DEFAULT_SPLIT not in by_split:
         chosen = found
     else:
@@ -184,10 +184,15 @@ def hub_dataset_files(root: Location, split: str | None) -> list[Location]:
     return [store_url(fs, f"{path}/{rel}") for rel in chosen]
 
 
-def _splits_of(rel: str) -> set[str]:
+def _split_of(rel: str) -> str:
+    """``data/train-00000-of-00002.parquet``, ``train.parquet``, ``default/train/0000.parquet``: train."""
     *folders, name = rel.split("/")
     stem = name.removesuffix(".parquet")
-    return {*folders, stem, stem.split("-", 1)[0]}
+    if sharded := re.fullmatch(r"(.+?)-\d+-of-\d+", stem):
+        return sharded.group(1)
+    if stem.isdigit() and folders:
+        return folders[-1]
+    return stem.split("-", 1)[0]
 
 
 def _pick_split(splits: list[str], split: str | None, where: Location) -> str:
