@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import io
+import threading
 from pathlib import Path
 
 import boto3
@@ -17,7 +20,9 @@ from producer.constants import QUEUE_GENERATE
 from producer.contract import GenerationParams
 from producer.enqueue import enqueue_file
 from producer.errors import ErrorCode, ImageError
+from producer.inputs import read_rows, resolve_ref
 from producer.settings import ProducerSettings
+from producer.sources import location, parent
 from tests.conftest import ObjectStore
 from tests.helpers import EXAMPLES, CollectorThread, make_images, read_jsonl, run_cli, wait_done
 from workers.images import read_bytes
@@ -217,3 +222,27 @@ def test_the_real_engine_reads_images_from_a_bucket_and_from_a_datasets_parquet(
         for row in rows:
             assert 3 <= len(row["qa_pairs"]) <= 5
             assert all(p["question"].strip() and p["answer"].strip() for p in row["qa_pairs"])
+
+
+def test_rows_over_http_resolve_images_beside_them_and_keep_the_address_rules(tmp_path):
+    # Given rows served over http on a loopback address, naming an image beside them
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "rows.jsonl").write_bytes(jsonl([{"image": "img/a.jpg", "n": 1}]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/job"
+        (raw,) = read_rows(f"{base}/rows.jsonl")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # Then the producer reads the row and resolves the image against the rows' folder
+    assert raw.row == {"image": "img/a.jpg", "n": 1}
+    ref = resolve_ref(raw.row["image"], parent(location(f"{base}/rows.jsonl")))
+    assert ref == f"{base}/img/a.jpg"
+    # And a worker still refuses an image on a private address
+    with pytest.raises(ImageError) as refused:
+        read_bytes(ref, ImageSettings())
+    assert refused.value.code == ErrorCode.URL_NOT_ALLOWED
