@@ -235,6 +235,19 @@ def _read_text(path: Path, option: str) -> str:
         raise typer.BadParameter(f"cannot read {path}: {e}", param_hint=option) from None
 
 
+INPUT_HELP = (
+    "JSONL, JSON, CSV, Parquet, Arrow, WebDataset .tar, a save_to_disk folder or a folder of images: "
+    "a path, a glob, or a URL (s3://, gs://, az://, hf://datasets/ORG/NAME, https://)."
+)
+ImageColumnOption = Annotated[
+    str | None,
+    typer.Option("--image-column", help="The rows' image field (default: IMAGEQA_IMAGE_KEY, 'image')."),
+]
+SplitOption = Annotated[
+    str | None, typer.Option(help="Split of a save_to_disk folder or hf://datasets/... (default: train).")
+]
+
+
 def fail(error: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {error}")
     return typer.Exit(2)
@@ -243,7 +256,7 @@ def fail(error: Exception) -> typer.Exit:
 @app.command()
 @with_generation_options
 def enqueue(
-    input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
+    input_path: Annotated[str, typer.Argument(help=INPUT_HELP)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, written by the collector.")],
     job_id: Annotated[
         str | None, typer.Option(help="Job id (default: from input, output, settings).")
@@ -253,11 +266,15 @@ def enqueue(
     ] = None,
     on_done_task: Annotated[str | None, typer.Option(help="Celery task sent when the job finishes.")] = None,
     on_done_queue: Annotated[str, typer.Option(help="Queue of --on-done-task.")] = "celery",
+    image_column: ImageColumnOption = None,
+    split: SplitOption = None,
     *,
     params: GenerationParams,
 ) -> None:
     """Enqueue one task per input row for the workers; prints the job id."""
     settings = ProducerSettings()
+    if image_column:
+        settings = settings.model_copy(update={"image_key": image_column})
     try:
         summary = enqueue_file(
             input_path,
@@ -268,6 +285,7 @@ def enqueue(
             input_format=input_format,
             on_done_task=on_done_task,
             on_done_queue=on_done_queue,
+            split=split,
         )
     except ImageQAError as e:
         raise fail(e) from None

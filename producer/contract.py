@@ -156,7 +156,9 @@ class TaskMessage(_Frozen):
     images: list[str] = Field(
         min_length=1,
         max_length=MAX_IMAGES_PER_ROW,
-        description="Image references: an absolute path, file://, http(s):// or a data: URI.",
+        description="Image references: an absolute path, file://, http(s)://, a data: URI, an object-store "
+        "URL (s3://, gs://, az://, hf://) or an image inside a file: FILE#parquet:col=C&rg=G&row=R, "
+        "FILE#arrow:col=C&row=R (&item=I in a list cell) or SHARD#tar:offset=O&size=S.",
     )
     row: dict[str, Any] = Field(description="The original input row, copied to the output unchanged.")
     params: GenerationParams = Field(default_factory=GenerationParams)

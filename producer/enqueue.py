@@ -31,6 +31,7 @@ from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_im
 from producer.jobs import JobRecord
 from producer.results import publish
 from producer.settings import ProducerSettings
+from producer.sources import Location, absolute, is_dir, location, parent
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,14 @@ def default_errors_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.stem + ".errors.jsonl")
 
 
-def default_job_id(input_path: Path, output_path: Path, params: GenerationParams) -> str:
+def default_job_id(input_path: str | Path, output_path: Path, params: GenerationParams) -> str:
     """Same input, same output and same settings give the same job, so a rerun resumes it."""
-    key = f"{input_path.resolve()}|{output_path.resolve()}|{params.fingerprint()}"
+    key = f"{absolute(location(input_path))}|{output_path.resolve()}|{params.fingerprint()}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def enqueue_file(
-    input_path: Path,
+    input_path: str | Path,
     output_path: Path,
     *,
     settings: ProducerSettings,
@@ -65,7 +66,8 @@ def enqueue_file(
     errors_path: Path | None = None,
     job_id: str | None = None,
     input_format: str | None = None,
-    media_base: Path | None = None,
+    media_base: Location | None = None,
+    split: str | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_done_task: str | None = None,
     on_done_queue: str | None = None,
@@ -73,35 +75,40 @@ def enqueue_file(
     """Enqueues every row of ``input_path`` as a job writing to ``output_path``.
 
     Rows already written by an earlier run of the same job are skipped. A row that cannot become a
-    task (malformed, no images) is sent straight to the collector as an error row. Relative image
-    paths resolve against ``media_base`` (default: the input's folder). When the job finishes, the
+    task (malformed, no images) is sent straight to the collector as an error row. ``input_path`` is a
+    local path, a URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``https://``) or a glob of files;
+    relative image paths resolve against ``media_base`` (default: the input's folder or URL). ``split``
+    picks a split of a ``save_to_disk`` folder or a hub dataset. When the job finishes, the
     Celery task ``on_done_task`` (if given) is sent to ``on_done_queue`` with the job's figures.
     """
     check_redis(settings.redis_url)
-    rows = read_rows(input_path, input_format)
+    source = absolute(location(input_path))
+    rows = read_rows(source, input_format, split=split, image_key=settings.image_key)
     output_path = output_path.resolve()
     errors_path = (errors_path or default_errors_path(output_path)).resolve()
     job_id = job_id or default_job_id(input_path, output_path, params)
-    base = (media_base or (input_path if input_path.is_dir() else input_path.parent)).resolve()
+    base = absolute(media_base or (source if is_dir(source) else parent(source)))
     r = redis_client(settings.redis_url)
     job = JobRecord(r, job_id)
     job.register(
         output_path=str(output_path),
         errors_path=str(errors_path),
         output_key=settings.output_key,
-        input_path=str(input_path.resolve()),
+        input_path=str(source),
         params_json=params.model_dump_json(),
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
     )
-    job.record_source(input_format=input_format, media_base=str(base), image_key=settings.image_key)
+    job.record_source(
+        input_format=input_format, media_base=str(base), image_key=settings.image_key, split=split
+    )
     app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-producer")
     ids = RedisItemIds(params.fingerprint(), r, job.pass_scratch_key())
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
     try:
         with app.producer_or_acquire() as producer:
             for batch in _batches(rows, settings.enqueue_batch):
-                item_ids = ids.next_ids([raw.row for raw in batch])
+                item_ids = ids.next_ids([raw.identity for raw in batch])
                 items = list(zip(batch, item_ids, strict=True))
                 pipe = r.pipeline()
                 job.add_items(pipe, item_ids)
@@ -170,7 +177,7 @@ def _wait_for_room(app: Celery, limit: int, queued: int, poll_s: float = 0.5) ->
 
 
 def build_message(
-    raw: RawRow, item_id: str, job_id: str, params: GenerationParams, image_key: str, base: Path
+    raw: RawRow, item_id: str, job_id: str, params: GenerationParams, image_key: str, base: Location
 ) -> TaskMessage:
     if raw.error is not None:
         raise raw.error

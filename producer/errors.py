@@ -26,6 +26,8 @@ class ErrorCode(str, enum.Enum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     URL_NOT_ALLOWED = "url_not_allowed"
     IMAGE_FETCH_FAILED = "image_fetch_failed"
+    STORAGE_DENIED = "storage_denied"
+    STORAGE_UNREACHABLE = "storage_unreachable"
     QA_INVALID = "qa_invalid"
     PROMPT_INVALID = "prompt_invalid"
     ENGINE_ERROR = "engine_error"
@@ -64,6 +66,10 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.PATH_NOT_ALLOWED: "the image path is outside the allowed media roots",
     ErrorCode.URL_NOT_ALLOWED: "an http(s) image on a private address (SSRF guard)",
     ErrorCode.IMAGE_FETCH_FAILED: "an http(s) image could not be fetched",
+    ErrorCode.STORAGE_DENIED: "the object store refused the image (credentials, permissions) or the "
+    "worker's IMAGEQA_ALLOWED_STORES does not list it",
+    ErrorCode.STORAGE_UNREACHABLE: "the object store could not be reached or failed (network, timeout, "
+    "throttling, server error)",
     ErrorCode.QA_INVALID: "fewer valid pairs than the minimum after every try",
     ErrorCode.PROMPT_INVALID: "the task names a prompt this worker does not know",
     ErrorCode.ENGINE_ERROR: "the engine failed for this request",
@@ -84,6 +90,7 @@ MEANINGS: dict[ErrorCode, str] = {
 TRANSIENT: frozenset[ErrorCode] = frozenset(
     {
         ErrorCode.IMAGE_FETCH_FAILED,
+        ErrorCode.STORAGE_UNREACHABLE,
         ErrorCode.ENGINE_ERROR,
         ErrorCode.ENGINE_TIMEOUT,
         ErrorCode.CANCELLED,

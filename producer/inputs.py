@@ -1,7 +1,10 @@
-"""Input readers: stream rows from JSONL, JSON, CSV, Parquet or a folder of images.
+"""Input readers: stream rows from JSONL, JSON, CSV, Parquet, Arrow, WebDataset tar shards, a
+``save_to_disk`` folder, ``hf://datasets/ORG/NAME`` or a folder of images, local or at a URL
+(`producer.sources`), one file or a glob of them.
 
-Each reader yields `RawRow`s (index, the parsed row or the reason it could not be parsed); `prepare`
-turns one into the image references a task needs. Nothing here reads image bytes.
+Each reader yields `RawRow`s (index, the parsed row or the reason it could not be parsed); `row_images`
+and `resolve_ref` turn one into the image references a task needs. Images stored inside a file are
+read only to hash them for the item id (`producer.dataset_files`); the task refers to them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from producer import dataset_files, sources
 from producer.contract import MAX_IMAGES_PER_ROW, canonical_json
 from producer.errors import ErrorCode, InputError
+from producer.sources import STORE_SCHEMES, EmbeddedRef, Location
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 URI_SCHEMES = frozenset({"http", "https", "file", "data"})
-FORMATS = ("jsonl", "json", "csv", "parquet", "folder")
+FORMATS = ("jsonl", "json", "csv", "parquet", "arrow", "webdataset", "datasets", "hub", "folder")
+SPLIT_FORMATS = ("datasets", "hub")
+"""Formats with splits (``--split``): a ``save_to_disk`` folder and ``hf://datasets/ORG/NAME``."""
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,23 @@ class RawRow:
     index: int
     row: Any
     error: InputError | None = None
+    key: Any = None
+    """What the item id hashes when it is not the row: the row with each image stored in the input
+    file replaced by its digest."""
+
+    @property
+    def identity(self) -> Any:
+        return self.row if self.key is None else self.key
 
 
-def detect_format(path: Path) -> str:
-    if path.is_dir():
-        return "folder"
-    suffix = path.suffix.lower()
+def detect_format(path: Location) -> str:
+    if sources.is_dir(path):
+        if sources.exists(sources.join(path, "state.json")) or sources.exists(
+            sources.join(path, "dataset_dict.json")
+        ):
+            return "datasets"
+        return "hub" if str(path).startswith("hf://datasets/") else "folder"
+    suffix = sources.suffix(path)
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
@@ -46,31 +64,64 @@ def detect_format(path: Path) -> str:
         return "csv"
     if suffix in (".parquet", ".pq"):
         return "parquet"
+    if suffix == ".arrow":
+        return "arrow"
+    if suffix == ".tar":
+        return "webdataset"
     raise InputError(
-        f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .parquet or a folder)",
+        f"cannot tell the format of {path} (expected .jsonl, .json, .csv, .parquet, .arrow, .tar "
+        "or a folder)",
         code=ErrorCode.INPUT_UNREADABLE,
     )
 
 
-def read_rows(path: Path, fmt: str | None = None) -> Iterator[RawRow]:
-    """Streams the rows of an input file or folder; a row that does not parse is yielded with its error."""
-    if not path.exists():
+def read_rows(
+    path: str | Path, fmt: str | None = None, *, split: str | None = None, image_key: str = "image"
+) -> Iterator[RawRow]:
+    """Streams the rows of an input file, folder, URL or glob of files; a row that does not parse is
+    yielded with its error. ``split`` picks a split of a ``save_to_disk`` folder or a hub dataset;
+    ``image_key`` is where a WebDataset sample's image goes."""
+    files = sources.expand(sources.location(path))
+    if not files or not sources.exists(files[0]):
         raise InputError(f"input not found: {path}", code=ErrorCode.INPUT_NOT_FOUND)
-    fmt = fmt or detect_format(path)
-    readers = {
-        "jsonl": _read_jsonl,
-        "json": _read_json,
-        "csv": _read_csv,
-        "parquet": _read_parquet,
-        "folder": _read_folder,
-    }
-    if fmt not in readers:
+    fmt = fmt or detect_format(files[0])
+    if fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return readers[fmt](path)
+    if split is not None and fmt not in SPLIT_FORMATS:
+        raise InputError(f"--split applies to a save_to_disk folder or hf://datasets/...; not to {fmt} input")
+    if fmt == "datasets":
+        fmt, files = (
+            "arrow",
+            [f for folder in files for f in dataset_files.saved_dataset_files(folder, split)],
+        )
+    elif fmt == "hub":
+        fmt, files = "parquet", [f for root in files for f in dataset_files.hub_dataset_files(root, split)]
+    return _numbered(_read_file(loc, fmt, image_key) for loc in files)
 
 
-def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    with path.open("rb") as f:
+def _read_file(loc: Location, fmt: str, image_key: str) -> Iterator[RawRow]:
+    if fmt in ("parquet", "arrow", "webdataset"):
+        pairs = {
+            "parquet": dataset_files.read_parquet,
+            "arrow": dataset_files.read_arrow,
+            "webdataset": lambda loc: dataset_files.read_tar(loc, image_key),
+        }[fmt](loc)
+        return (RawRow(0, row, key=None if key is row else key) for row, key in pairs)
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "folder": _read_folder}
+    return readers[fmt](loc)
+
+
+def _numbered(readers: Iterator[Iterator[RawRow]]) -> Iterator[RawRow]:
+    """The rows of every file in order, numbered from 0 across them."""
+    index = 0
+    for rows in readers:
+        for raw in rows:
+            yield raw if raw.index == index else RawRow(index, raw.row, raw.error, raw.key)
+            index += 1
+
+
+def _read_jsonl(path: Location) -> Iterator[RawRow]:
+    with sources.open_input(path) as f:
         index = 0
         for line in f:
             if not line.strip():
@@ -83,10 +134,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             index += 1
 
 
-def _read_json(path: Path) -> Iterator[RawRow]:
+def _read_json(path: Location) -> Iterator[RawRow]:
     # A JSON document has to be parsed whole; use JSONL for inputs that do not fit in memory.
+    with sources.open_input(path) as f:
+        text = f.read()
     try:
-        data = orjson.loads(path.read_bytes())
+        data = orjson.loads(text)
     except orjson.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON: {e}", code=ErrorCode.INPUT_UNREADABLE) from e
     if isinstance(data, dict):
@@ -97,9 +150,9 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         yield RawRow(index, row)
 
 
-def _read_csv(path: Path) -> Iterator[RawRow]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as f:
+def _read_csv(path: Location) -> Iterator[RawRow]:
+    delimiter = "\t" if sources.suffix(path) == ".tsv" else ","
+    with sources.open_input(path, "r", newline="", encoding="utf-8") as f:
         for index, row in enumerate(csv.DictReader(f, delimiter=delimiter)):
             yield RawRow(index, {k: _csv_cell(v) for k, v in row.items() if k is not None})
 
@@ -114,19 +167,10 @@ def _csv_cell(value: str | None) -> Any:
     return value
 
 
-def _read_parquet(path: Path) -> Iterator[RawRow]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise InputError("reading Parquet needs pyarrow: pip install 'imageqa[producer]'") from e
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield RawRow(index, row)
-            index += 1
-
-
-def _read_folder(path: Path) -> Iterator[RawRow]:
+def _read_folder(path: Location) -> Iterator[RawRow]:
+    if isinstance(path, str):
+        yield from _read_store_folder(path)
+        return
     index = 0
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
@@ -135,6 +179,20 @@ def _read_folder(path: Path) -> Iterator[RawRow]:
                 rel = os.path.relpath(os.path.join(dirpath, name), path)
                 yield RawRow(index, {"image": [rel]})
                 index += 1
+
+
+def _read_store_folder(url: str) -> Iterator[RawRow]:
+    fs, root = sources.filesystem(url)
+    root = root.rstrip("/")
+    try:
+        names = sorted(fs.find(root))
+    except Exception as e:
+        raise sources.input_error(e, url) from e
+    index = 0
+    for name in names:
+        if sources.suffix(name) in IMAGE_SUFFIXES:
+            yield RawRow(index, {"image": [name[len(root) + 1 :]]})
+            index += 1
 
 
 def row_images(row: Any, image_key: str) -> list[str]:
@@ -163,16 +221,19 @@ def row_images(row: Any, image_key: str) -> list[str]:
     return refs
 
 
-def resolve_ref(ref: str, base_dir: Path) -> str:
-    """A relative path becomes absolute under base_dir; URIs and absolute paths pass unchanged."""
+def resolve_ref(ref: str, base_dir: Location) -> str:
+    """A relative path becomes absolute under base_dir (a folder or a URL); URIs, object-store URLs,
+    images stored in a file and absolute paths pass unchanged."""
     scheme = urlsplit(ref).scheme.lower()
-    if scheme in URI_SCHEMES:
+    if scheme in URI_SCHEMES or scheme in STORE_SCHEMES or EmbeddedRef.parse(ref) is not None:
         return ref
     if len(scheme) > 1:
         raise InputError(
             f"unsupported image reference scheme {scheme!r} in {ref[:80]!r}", code=ErrorCode.IMAGE_REF_INVALID
         )
     path = Path(ref)
+    if isinstance(base_dir, str):
+        return ref if path.is_absolute() else str(sources.join(base_dir, ref))
     return str(path if path.is_absolute() else Path(os.path.normpath(base_dir / path)))
 
 

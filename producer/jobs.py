@@ -24,6 +24,7 @@ from redis.typing import EncodableT, FieldT
 from producer import constants
 from producer.broker import queue_depth
 from producer.contract import GenerationParams, ResultRecord
+from producer.sources import location
 from producer.templates import normal_question, question_template
 
 TOP_TEMPLATES = 10
@@ -113,13 +114,16 @@ class JobConfig:
 class JobSource:
     """How to read a job's input again: what re-sending lost rows and retrying failed ones need."""
 
-    input_path: Path
+    input_path: str | Path
+    """A local path, or a URL (`producer.sources.location`)."""
     input_format: str | None
     """Reader name (``jsonl``, ...); None: by the file's suffix."""
-    media_base: Path
-    """Relative image paths resolve against this folder."""
+    media_base: str | Path
+    """Relative image paths resolve against this folder (or URL)."""
     image_key: str
     params: GenerationParams
+    split: str | None = None
+    """The split of a ``save_to_disk`` folder or hub dataset that was read."""
 
 
 SendTask = Callable[[str, str, dict[str, object]], None]
@@ -182,9 +186,11 @@ class JobRecord:
         pipe.zadd(constants.JOBS_INDEX, {self.job_id: now}, nx=True)
         pipe.execute()
 
-    def record_source(self, *, input_format: str | None, media_base: str, image_key: str) -> None:
+    def record_source(
+        self, *, input_format: str | None, media_base: str, image_key: str, split: str | None = None
+    ) -> None:
         """Records how the input was read (see `source`), beside the input path `register` recorded."""
-        source = {"format": input_format, "media_base": media_base, "image_key": image_key}
+        source = {"format": input_format, "media_base": media_base, "image_key": image_key, "split": split}
         self.r.hset(self.key, constants.JOB_SOURCE, orjson.dumps(source))
 
     def source(self) -> JobSource | None:
@@ -197,14 +203,17 @@ class JobRecord:
         input_path, params, source = raw
         if input_path is None or params is None:
             return None
-        path = Path(input_path.decode())
+        path = location(input_path.decode())
         fields = orjson.loads(source) if source else {}
+        base = fields.get("media_base")
+        folder = path if isinstance(path, str) or path.is_dir() else path.parent
         return JobSource(
             input_path=path,
             input_format=fields.get("format"),
-            media_base=Path(fields.get("media_base") or (path if path.is_dir() else path.parent)),
+            media_base=location(base) if base else folder,
             image_key=fields.get("image_key") or "image",
             params=GenerationParams.model_validate_json(params),
+            split=fields.get("split"),
         )
 
     def count_resent(self, rows: int) -> None:

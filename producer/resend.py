@@ -86,10 +86,13 @@ def resend_missing(app: Celery, r: redis.Redis, job_id: str, stop: threading.Eve
     ids = RedisItemIds(source.params.fingerprint(), r, job.pass_scratch_key())
 
     def missing() -> Iterator[tuple[RawRow, str]]:
-        for batch in _batches(read_rows(source.input_path, source.input_format), BATCH_ROWS):
+        rows = read_rows(
+            source.input_path, source.input_format, split=source.split, image_key=source.image_key
+        )
+        for batch in _batches(rows, BATCH_ROWS):
             if stop is not None and stop.is_set():
                 return
-            item_ids = ids.next_ids([raw.row for raw in batch])
+            item_ids = ids.next_ids([raw.identity for raw in batch])
             pipe = r.pipeline(transaction=False)
             job.item_flags(pipe, item_ids)
             job.done_flags(pipe, item_ids)

@@ -1,9 +1,11 @@
 """Fixtures: a real Redis (dedicated databases, flushed per test), real Celery workers (one with the
-instant fake engine, one with the real vLLM engine on the tiny model), each started once a session."""
+instant fake engine, one with the real vLLM engine on the tiny model), each started once a session,
+and a real S3-compatible server (moto's) on 127.0.0.1 that the tests and the workers share."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from tests.helpers import ROOT, WorkerProcess
 
 REDIS_BASE = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379")
 FAKE_DB, ENGINE_DB, PLAIN_DB = 13, 14, 15
+S3_PORT = int(os.environ.get("IMAGEQA_TEST_S3_PORT", "0"))
+"""Port of the test S3 server; 0: a free one."""
 TINY_MODEL = ROOT / ".cache" / "tiny-qwen2.5-vl"
 
 
@@ -52,6 +56,47 @@ def media(media_root: Path, request: pytest.FixtureRequest) -> Path:
 
 
 @dataclass
+class ObjectStore:
+    """moto's S3 server on loopback; ``env`` holds the standard AWS variables that point at it."""
+
+    endpoint_url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def object_store() -> Iterator[ObjectStore]:
+    """A real S3 HTTP API (moto's server, in a thread of the test process) for the session; the AWS
+    variables are set in this process too, so the producer and the workers reach the same store."""
+    from moto.server import ThreadedMotoServer
+
+    port = S3_PORT or _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield ObjectStore(endpoint, env)
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
 class Cluster:
     redis_url: str
     worker: WorkerProcess
@@ -59,7 +104,12 @@ class Cluster:
 
 
 def _worker(
-    tmp_path_factory: pytest.TempPathFactory, name: str, db: int, media_root: Path, **env: str
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    db: int,
+    media_root: Path,
+    store: ObjectStore,
+    **env: str,
 ) -> WorkerProcess:
     url = _flushed(f"{REDIS_BASE}/{db}")
     log = tmp_path_factory.mktemp(name) / "worker.log"
@@ -68,14 +118,23 @@ def _worker(
         "IMAGEQA_MEDIA_ROOTS": str(media_root),
         "IMAGEQA_CONCURRENCY": "32",
         "IMAGEQA_METRICS_PORT": "0",
+        **store.env,
     }
     return WorkerProcess({**base, **env}, log)
 
 
 @pytest.fixture(scope="session")
-def fake_worker(tmp_path_factory: pytest.TempPathFactory, media_root: Path) -> Iterator[Cluster]:
+def fake_worker(
+    tmp_path_factory: pytest.TempPathFactory, media_root: Path, object_store: ObjectStore
+) -> Iterator[Cluster]:
     worker = _worker(
-        tmp_path_factory, "fake-worker", FAKE_DB, media_root, IMAGEQA_ENGINE="fake", IMAGEQA_MODEL="fake"
+        tmp_path_factory,
+        "fake-worker",
+        FAKE_DB,
+        media_root,
+        object_store,
+        IMAGEQA_ENGINE="fake",
+        IMAGEQA_MODEL="fake",
     )
     worker.start(60)
     yield Cluster(worker.env["IMAGEQA_REDIS_URL"], worker, "fake")
@@ -98,13 +157,14 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def engine_worker(
-    tmp_path_factory: pytest.TempPathFactory, media_root: Path, tiny_model: Path
+    tmp_path_factory: pytest.TempPathFactory, media_root: Path, tiny_model: Path, object_store: ObjectStore
 ) -> Iterator[Cluster]:
     worker = _worker(
         tmp_path_factory,
         "engine-worker",
         ENGINE_DB,
         media_root,
+        object_store,
         IMAGEQA_ENGINE="vllm",
         IMAGEQA_MODEL=str(tiny_model),
         IMAGEQA_MAX_MODEL_LEN="4096",

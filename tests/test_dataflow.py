@@ -255,7 +255,7 @@ def test_a_failed_row_keeps_its_place_with_an_error_and_the_rest_complete(tmp_pa
         {"id": 3},
         {"image": [], "id": 4},
         {"image": images[2].name, "id": 5},
-        {"image": "s3://bucket/k.jpg", "id": 6},
+        {"image": "ftp://host/k.jpg", "id": 6},
     ]
     source = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="workers.dataflow.operator"), fake_serving() as serving:

@@ -12,13 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from producer.cli import (
+    INPUT_HELP,
     AnswerCharsOption,
+    ImageColumnOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
     ModelOption,
     PairsOption,
     QuestionCharsOption,
     SkipCheckOption,
+    SplitOption,
     app,
     console,
     fail,
@@ -30,6 +33,7 @@ from producer.cli import (
 from producer.contract import GenerationParams
 from producer.errors import ImageQAError
 from producer.jobs import JobStatus
+from producer.sources import is_dir, location
 from producer.wait import wait_for_job
 
 if TYPE_CHECKING:
@@ -121,7 +125,7 @@ def healthcheck(
 @app.command()
 @with_generation_options
 def run(
-    input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
+    input_path: Annotated[str, typer.Argument(help=INPUT_HELP)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL.")],
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
@@ -129,6 +133,8 @@ def run(
     stall_timeout_s: Annotated[
         float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
     ] = 3600.0,
+    image_column: ImageColumnOption = None,
+    split: SplitOption = None,
     *,
     params: GenerationParams,
 ) -> None:
@@ -138,19 +144,25 @@ def run(
     from workers.settings import RunSettings
 
     settings = RunSettings(worker=worker_settings(params.model, engine, concurrency))
+    if image_column:
+        settings.producer = settings.producer.model_copy(update={"image_key": image_column})
+    source = location(input_path)
     try:
         with LocalCluster(
             settings,
-            media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
+            # Local images next to a local input; a remote input's images are the stores' business.
+            media_root=None
+            if isinstance(source, str)
+            else (source if is_dir(source) else source.parent).resolve(),
             log=console,
         ) as cluster:
-            summary = cluster.enqueue(input_path, output, params, input_format=input_format)
+            summary = cluster.enqueue(input_path, output, params, input_format=input_format, split=split)
 
             def resend(st: JobStatus) -> None:
                 console.print(
                     f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
                 )
-                cluster.enqueue(input_path, output, params, input_format=input_format)
+                cluster.enqueue(input_path, output, params, input_format=input_format, split=split)
 
             try:
                 with progress_bar("images") as update:

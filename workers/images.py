@@ -14,6 +14,8 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from producer.errors import ErrorCode, ImageError
+from producer.sources import STORE_SCHEMES, EmbeddedRef
+from workers import storage
 from workers.fetch import fetch_url
 from workers.settings import ImageSettings
 
@@ -25,11 +27,18 @@ def load_image(ref: str, settings: ImageSettings) -> Image.Image:
 
 
 def read_bytes(ref: str, settings: ImageSettings) -> bytes:
+    """The bytes of an image reference: a local path, ``file://``, ``data:``, http(s), an object-store
+    URL or an image inside a dataset file (`producer.sources.EmbeddedRef`)."""
+    embedded = EmbeddedRef.parse(ref)
+    if embedded is not None:
+        return storage.read_embedded(embedded, settings)
     scheme = urlsplit(ref).scheme.lower()
     if scheme == "data":
         return _data_uri(ref, settings.max_image_bytes)
     if scheme in ("http", "https"):
         return _fetch(ref, settings)
+    if scheme in STORE_SCHEMES:
+        return storage.read_object(ref, settings)
     path = Path(unquote(urlsplit(ref).path)) if scheme == "file" else Path(ref)
     return _read_file(path, settings)
 
@@ -121,11 +130,7 @@ def _draft(
 
 
 def _read_file(path: Path, settings: ImageSettings) -> bytes:
-    if not path.is_absolute():
-        raise ImageError(f"image path {str(path)!r} is not absolute", code=ErrorCode.PATH_NOT_ALLOWED)
-    real = path.resolve()
-    if not any(real.is_relative_to(root) for root in settings.roots()):
-        raise ImageError(f"{path} is outside the allowed media roots", code=ErrorCode.PATH_NOT_ALLOWED)
+    real = storage.local_path(path, settings)
     try:
         with real.open("rb") as f:
             size = os.fstat(f.fileno()).st_size

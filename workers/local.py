@@ -29,12 +29,12 @@ from workers.settings import RunSettings, child_environ
 
 class LocalCluster:
     """Redis, a worker process and a collector thread with ``settings``; the worker may read images
-    under ``media_root`` besides the roots its settings name."""
+    under ``media_root`` (if given) besides the roots its settings name."""
 
     def __init__(
         self,
         settings: RunSettings,
-        media_root: Path,
+        media_root: Path | None,
         *,
         log: Console | None = None,
         state_name: str = "default",
@@ -71,14 +71,21 @@ class LocalCluster:
         return self.settings.producer.model_copy(update={"redis_url": self.redis_url}).broker
 
     def enqueue(
-        self, input_path: Path, output: Path, params: GenerationParams, input_format: str | None = None
+        self,
+        input_path: str | Path,
+        output: Path,
+        params: GenerationParams,
+        input_format: str | None = None,
+        split: str | None = None,
     ) -> EnqueueSummary:
         settings = self.settings.producer.model_copy(update={"redis_url": self.redis_url})
         job_id = default_job_id(input_path, output, params)
         if not output.exists() and not default_errors_path(output.resolve()).exists():
             # The files were removed (or never written): start the job afresh instead of skipping.
             JobRecord(self.redis, job_id).reset()
-        return enqueue_file(input_path, output, settings=settings, params=params, input_format=input_format)
+        return enqueue_file(
+            input_path, output, settings=settings, params=params, input_format=input_format, split=split
+        )
 
     def worker_alive(self) -> bool:
         alive = self._worker is not None and self._worker.poll() is None
@@ -149,7 +156,7 @@ class LocalCluster:
         worker = self.settings.worker
         update: dict[str, Any] = {
             "redis_url": self.redis_url,
-            "media_roots": [self.media_root, *worker.media_roots],
+            "media_roots": [self.media_root, *worker.media_roots] if self.media_root else worker.media_roots,
         }
         if "metrics_port" not in worker.model_fields_set:  # off unless IMAGEQA_METRICS_PORT asks for it
             update["metrics_port"] = 0

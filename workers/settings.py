@@ -43,12 +43,26 @@ class ImageSettings(RedisSettings):
     allowed_url_networks: Annotated[list[str], NoDecode] = []
     """Non-public addresses http(s) images may still come from, comma-separated: ``10.0.0.0/8``,
     ``10.1.2.3``, ``10.1.2.3:8080`` (that port only), ``[fd00::1]:443``. Public addresses need no entry."""
+    allowed_stores: Annotated[list[str], NoDecode] = ["s3", "gs", "az", "hf"]
+    """Object stores images may come from, comma-separated: a scheme (``s3``: any bucket) or a scheme
+    and bucket or prefix (``s3://media``, ``gs://data/images``); empty: none. Credentials come from
+    each store's standard environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``, ``HF_TOKEN``)."""
+    dataset_cache_bytes: int = 512 * 1024 * 1024
+    """Parquet columns and Arrow files read for images stored inside them, kept per worker process so
+    the next image of the same row group is not read again."""
 
     @field_validator("media_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @field_validator("allowed_stores", mode="before")
+    @classmethod
+    def _split_stores(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
         return value
 
     @field_validator("allowed_url_networks", mode="before")
@@ -236,8 +250,9 @@ def environ(settings: BaseSettings) -> dict[str, str]:
         if isinstance(value, BaseSettings):
             env.update(environ(value))
         elif value is not None:
-            if NoDecode in field.metadata:  # read as a string, not JSON: an os.pathsep-separated list
-                text = os.pathsep.join(str(v) for v in value)
+            if NoDecode in field.metadata:  # read as a string, not JSON: a list of paths or of names
+                sep = os.pathsep if value and isinstance(value[0], Path) else ","
+                text = sep.join(str(v) for v in value)
             elif isinstance(value, str):
                 text = value
             else:
