@@ -58,6 +58,15 @@ class JobStatus:
     """Rows the collector sent again after they were lost in transit (`workers.stall`)."""
     retried: int = 0
     """Failed rows taken back by ``imageqa retry`` (`producer.retry`), over every retry."""
+    judge_scores: dict[str, int] = field(default_factory=dict)
+    """Pairs the judge scored, by score ``"1"`` to ``"5"`` (``--judge``)."""
+
+    @property
+    def blind(self) -> dict[str, object]:
+        """The blind check: pairs ``checked``, those ``answerable`` without the image, and their share."""
+        checked, answerable = self.qa.get("blind_checked", 0), self.qa.get("blind_answerable", 0)
+        rate = round(answerable / checked, 4) if checked else None
+        return {"checked": checked, "answerable": answerable, "answerable_rate": rate}
 
     @property
     def agreement_rate(self) -> float | None:
@@ -86,6 +95,7 @@ class JobStatus:
             "rate_per_s": round(self.rate_per_s, 3),
             "eta_s": self.eta_s,
             "agreement_rate": self.agreement_rate,
+            "blind": self.blind,
         }
 
 
@@ -476,6 +486,11 @@ def _counters(records: Collection[ResultRecord]) -> Counter[str]:
             counts[constants.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
             counts[constants.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
             counts[constants.JOB_QA_PREFIX + "agreed"] += rec.qa_stats.agreed
+            counts[constants.JOB_QA_PREFIX + "blind_checked"] += rec.qa_stats.blind_checked
+            counts[constants.JOB_QA_PREFIX + "blind_answerable"] += rec.qa_stats.blind_answerable
+            counts.update(
+                {constants.JOB_JUDGE_PREFIX + score: n for score, n in rec.qa_stats.judge_scores.items()}
+            )
             counts.update(
                 {constants.JOB_REJECTED_PREFIX + reason: n for reason, n in rec.qa_stats.rejected.items()}
             )
@@ -511,6 +526,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
         quarantined=int(h.get(constants.JOB_QUARANTINED, 0)),
         resent=int(h.get(constants.JOB_RESENT, 0)),
         retried=int(h.get(constants.JOB_RETRIED, 0)),
+        judge_scores=_prefixed(h, constants.JOB_JUDGE_PREFIX),
     )
 
 

@@ -21,6 +21,7 @@ from producer.cli import (
     SkipCheckOption,
     app,
     console,
+    describe_checks,
     fail,
     generation_params,
     progress_bar,
@@ -177,6 +178,9 @@ def run(
     )
     if st.agreement_rate is not None:
         console.print(f"verification: {st.agreement_rate:.0%} of {st.qa.get('verified', 0)} answers agreed")
+    checked = describe_checks(st)
+    if checked:
+        console.print(checked.removeprefix("; ").replace("; ", "\n"))
     console.print(f"output: {st.output_path}")
     if st.failed:
         console.print(f"errors: {st.errors_path}")

@@ -12,7 +12,8 @@ letter or digit; ``question_placeholder``/``answer_placeholder`` template text (
 question mark; ``answer_restates_question`` the answer is the question again; ``duplicate_question``
 the same question as a kept one (after normalisation); ``over_max_pairs`` beyond ``max_pairs``;
 ``unverified`` the verification pass answered differently. ``unparseable`` counts outputs with
-no pairs at all.
+no pairs at all. ``answerable_without_image``, ``judge_low`` and ``judge_unreadable`` come from the
+optional checks of `workers.checks`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REASONS = frozenset(
         "answer_placeholder", "question_refusal", "answer_refusal", "question_too_short",
         "question_too_long", "not_a_question", "answer_too_short", "answer_too_long",
         "answer_restates_question", "duplicate_question", "over_max_pairs", "unverified",
+        "answerable_without_image", "judge_low", "judge_unreadable",
     }
 )  # fmt: skip
 """Every rejection reason (stable codes: they are counted per job as ``rejected:<reason>``)."""
