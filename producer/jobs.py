@@ -539,6 +539,18 @@ def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
     return [j.decode() for j in ids]
 
 
+def job_writing(r: redis.Redis, output_path: str) -> str | None:
+    """The newest job whose output file is ``output_path`` (an absolute path), or None."""
+    job_ids: list[bytes] = r.zrevrange(constants.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(constants.job_key(job_id.decode()), constants.JOB_OUTPUT_PATH)
+    for job_id, path in zip(job_ids, pipe.execute(), strict=True):
+        if path is not None and path.decode() == output_path:
+            return job_id.decode()
+    return None
+
+
 def unfinished_jobs(r: redis.Redis) -> list[str]:
     """The ids of the jobs not marked finished, in one round trip after the index."""
     job_ids: list[bytes] = r.zrange(constants.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
