@@ -130,6 +130,9 @@ def run(
     stall_timeout_s: Annotated[
         float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
     ] = 3600.0,
+    report_html: Annotated[
+        Path | None, typer.Option("--report", help="Also write the job's HTML quality report here.")
+    ] = None,
     *,
     params: GenerationParams,
 ) -> None:
@@ -168,6 +171,10 @@ def run(
                 raise ImageQAError(
                     f"{e.message}\nlast lines of the worker log:\n{cluster.worker_log_tail()}"
                 ) from e
+            if report_html is not None:  # while the job's record is at hand (an embedded Redis stops)
+                from workers.report import job_report, write_report
+
+                write_report(report_html, job_report(output, r=cluster.redis, job_id=summary.job_id)[1])
     except ImageQAError as e:
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
@@ -184,6 +191,8 @@ def run(
     console.print(f"output: {st.output_path}")
     if st.failed:
         console.print(f"errors: {st.errors_path}")
+    if report_html is not None:
+        console.print(f"report: {report_html}")
 
 
 @app.command()
