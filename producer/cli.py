@@ -107,6 +107,28 @@ VerifyOption = Annotated[
         rich_help_panel=_QUALITY,
     ),
 ]
+BlindCheckOption = Annotated[
+    bool,
+    typer.Option(
+        "--blind-check/--no-blind-check",
+        help="Ask every kept question again without the image; drop pairs the model still answers alike "
+        "(answerable_without_image). One short request per pair.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+JudgeOption = Annotated[
+    bool,
+    typer.Option(
+        "--judge/--no-judge",
+        help="Have the model score every kept pair against the image (1-5, with a reason); drop pairs "
+        "under --min-judge-score (judge_low). One request per pair.",
+        rich_help_panel=_QUALITY,
+    ),
+]
+MinJudgeScoreOption = Annotated[
+    int,
+    typer.Option("--min-judge-score", help="Lowest judge score kept (1-5).", rich_help_panel=_QUALITY),
+]
 
 TypesOption = Annotated[
     str | None,
@@ -163,6 +185,9 @@ def generation_params(
     types: TypesOption = None,
     min_types: MinTypesOption = 0,
     max_template_share: MaxTemplateShareOption = None,
+    blind_check: BlindCheckOption = False,
+    judge: JudgeOption = False,
+    min_judge_score: MinJudgeScoreOption = 3,
 ) -> GenerationParams:
     """`GenerationParams` from command-line options (declared here, for every command that generates:
     `with_generation_options`); raises ``typer.BadParameter``."""
@@ -199,6 +224,9 @@ def generation_params(
             types=parse_types(types),
             min_types=min_types,
             max_template_share=max_template_share,
+            blind_check=blind_check,
+            judge=judge,
+            min_judge_score=min_judge_score,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -365,6 +393,7 @@ def describe(st: JobStatus) -> str:
         )
     if st.agreement_rate is not None:
         text += f"; verification agreement {st.agreement_rate:.0%}"
+    text += describe_checks(st)
     if st.quarantined:
         text += f"; {st.quarantined} messages quarantined"
     if st.resent:
@@ -372,6 +401,18 @@ def describe(st: JobStatus) -> str:
     if st.retried:
         text += f"; {st.retried} failed rows retried"
     return text + f" -> {st.output_path}"
+
+
+def describe_checks(st: JobStatus) -> str:
+    """The blind check's and the judge's figures, as ``; ...`` clauses (empty when neither ran)."""
+    text = ""
+    blind = st.blind
+    if blind["checked"]:
+        text += f"; answerable without the image: {blind['answerable']} of {blind['checked']} pairs"
+    if st.judge_scores:
+        scores = ", ".join(f"{score}: {n}" for score, n in sorted(st.judge_scores.items()))
+        text += f"; judge scores {scores}"
+    return text
 
 
 @app.command("quarantine")

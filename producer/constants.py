@@ -102,9 +102,13 @@ JOB_REJECTED_PREFIX = "rejected:"
 """Job hash counters ``rejected:<reason>``: rejected question-answer pairs by reason."""
 
 JOB_QA_PREFIX = "qa:"
-"""Job hash counters ``qa:pairs``, ``qa:tries``, ``qa:verified``, ``qa:agreed``: pair figures."""
+"""Job hash counters ``qa:pairs``, ``qa:tries``, ``qa:verified``, ``qa:agreed``, ``qa:blind_checked``,
+``qa:blind_answerable``: pair figures."""
 JOB_TYPE_PREFIX = "type:"
 """Job hash counters ``type:<question type>``: written pairs by question type."""
+
+JOB_JUDGE_PREFIX = "judge:"
+"""Job hash counters ``judge:<score>``: pairs the judge scored 1 to 5 (kept or dropped)."""
 
 
 def job_key(job_id: str) -> str:

@@ -116,6 +116,19 @@ class GenerationParams(_Frozen):
         description="Drop a pair (template_overused) whose question template already has this share "
         "of the job's kept pairs (near-duplicate templates count together).",
     )
+    blind_check: bool = Field(
+        default=False,
+        description="Ask the model each kept question again without the image(s); drop pairs it still "
+        "answers alike (answerable_without_image).",
+    )
+    judge: bool = Field(
+        default=False,
+        description="Have the model score each kept pair against the image(s) from 1 to 5 with a short "
+        "reason; drop pairs scored under min_judge_score (judge_low).",
+    )
+    min_judge_score: int = Field(
+        default=3, ge=1, le=5, description="Lowest judge score a pair may have to be kept (with judge)."
+    )
 
     @model_validator(mode="after")
     def _pairs_range(self) -> GenerationParams:
@@ -207,6 +220,13 @@ class ErrorInfo(_Frozen):
     message: str
 
 
+class JudgeNote(_Frozen):
+    """The judge's verdict on one pair."""
+
+    score: int = Field(ge=1, le=5)
+    reason: str = ""
+
+
 class QAStats(_Frozen):
     """How one item's pairs came about; the collector adds these up in the job's counters."""
 
@@ -214,6 +234,17 @@ class QAStats(_Frozen):
     rejected: dict[str, int] = Field(default_factory=dict, description="Rejected pairs by reason.")
     verified: int = Field(default=0, ge=0, description="Pairs put to the verification pass.")
     agreed: int = Field(default=0, ge=0, description="Verified pairs whose two answers agreed.")
+    blind_checked: int = Field(default=0, ge=0, description="Pairs asked again without the image.")
+    blind_answerable: int = Field(
+        default=0, ge=0, description="Blind-checked pairs the model answered alike without the image."
+    )
+    judge_scores: dict[str, int] = Field(
+        default_factory=dict, description="Judged pairs by score ('1' to '5'), kept or dropped."
+    )
+    judge: list[JudgeNote] = Field(
+        default_factory=list,
+        description="The judge's score and reason for each pair written, in the order of the pairs.",
+    )
 
 
 class ResultRecord(_Frozen):

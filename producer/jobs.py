@@ -68,6 +68,15 @@ class JobStatus:
     diversity: dict[str, Any] = field(default_factory=dict)
     """Over the written pairs: ``distinct_question_share`` (distinct normalised questions / pairs,
     None before any pair) and ``top_templates`` (``[[template, pairs], ...]``, most used first)."""
+    judge_scores: dict[str, int] = field(default_factory=dict)
+    """Pairs the judge scored, by score ``"1"`` to ``"5"`` (``--judge``)."""
+
+    @property
+    def blind(self) -> dict[str, object]:
+        """The blind check: pairs ``checked``, those ``answerable`` without the image, and their share."""
+        checked, answerable = self.qa.get("blind_checked", 0), self.qa.get("blind_answerable", 0)
+        rate = round(answerable / checked, 4) if checked else None
+        return {"checked": checked, "answerable": answerable, "answerable_rate": rate}
 
     @property
     def agreement_rate(self) -> float | None:
@@ -96,6 +105,7 @@ class JobStatus:
             "rate_per_s": round(self.rate_per_s, 3),
             "eta_s": self.eta_s,
             "agreement_rate": self.agreement_rate,
+            "blind": self.blind,
         }
 
 
@@ -503,6 +513,11 @@ def _counters(records: Collection[ResultRecord]) -> Counter[str]:
             counts[constants.JOB_QA_PREFIX + "tries"] += rec.qa_stats.tries
             counts[constants.JOB_QA_PREFIX + "verified"] += rec.qa_stats.verified
             counts[constants.JOB_QA_PREFIX + "agreed"] += rec.qa_stats.agreed
+            counts[constants.JOB_QA_PREFIX + "blind_checked"] += rec.qa_stats.blind_checked
+            counts[constants.JOB_QA_PREFIX + "blind_answerable"] += rec.qa_stats.blind_answerable
+            counts.update(
+                {constants.JOB_JUDGE_PREFIX + score: n for score, n in rec.qa_stats.judge_scores.items()}
+            )
             counts.update(
                 {constants.JOB_REJECTED_PREFIX + reason: n for reason, n in rec.qa_stats.rejected.items()}
             )
@@ -546,6 +561,7 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
             "distinct_question_share": round(min(1.0, distinct / pairs), 4) if pairs else None,
             "top_templates": [[t.decode(), int(n)] for t, n in templates],
         },
+        judge_scores=_prefixed(h, constants.JOB_JUDGE_PREFIX),
     )
 
 
@@ -556,6 +572,18 @@ def _prefixed(h: dict[str, str], prefix: str) -> dict[str, int]:
 def list_jobs(r: redis.Redis, limit: int = 50) -> list[str]:
     ids: list[bytes] = r.zrevrange(constants.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
     return [j.decode() for j in ids]
+
+
+def job_writing(r: redis.Redis, output_path: str) -> str | None:
+    """The newest job whose output file is ``output_path`` (an absolute path), or None."""
+    job_ids: list[bytes] = r.zrevrange(constants.JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(constants.job_key(job_id.decode()), constants.JOB_OUTPUT_PATH)
+    for job_id, path in zip(job_ids, pipe.execute(), strict=True):
+        if path is not None and path.decode() == output_path:
+            return job_id.decode()
+    return None
 
 
 def unfinished_jobs(r: redis.Redis) -> list[str]:

@@ -24,6 +24,7 @@ from producer.cli import (
     SplitOption,
     app,
     console,
+    describe_checks,
     fail,
     generation_params,
     progress_bar,
@@ -135,6 +136,9 @@ def run(
     ] = 3600.0,
     image_column: ImageColumnOption = None,
     split: SplitOption = None,
+    report_html: Annotated[
+        Path | None, typer.Option("--report", help="Also write the job's HTML quality report here.")
+    ] = None,
     *,
     params: GenerationParams,
 ) -> None:
@@ -179,6 +183,10 @@ def run(
                 raise ImageQAError(
                     f"{e.message}\nlast lines of the worker log:\n{cluster.worker_log_tail()}"
                 ) from e
+            if report_html is not None:  # while the job's record is at hand (an embedded Redis stops)
+                from workers.report import job_report, write_report
+
+                write_report(report_html, job_report(output, r=cluster.redis, job_id=summary.job_id)[1])
     except ImageQAError as e:
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
@@ -189,9 +197,61 @@ def run(
     )
     if st.agreement_rate is not None:
         console.print(f"verification: {st.agreement_rate:.0%} of {st.qa.get('verified', 0)} answers agreed")
+    checked = describe_checks(st)
+    if checked:
+        console.print(checked.removeprefix("; ").replace("; ", "\n"))
     console.print(f"output: {st.output_path}")
     if st.failed:
         console.print(f"errors: {st.errors_path}")
+    if report_html is not None:
+        console.print(f"report: {report_html}")
+
+
+@app.command()
+def report(
+    output: Annotated[
+        Path | None, typer.Argument(help="A job's output JSONL (optional with --job).", show_default=False)
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("-o", "--html", help="The page to write (default: OUTPUT.report.html).")
+    ] = None,
+    job: Annotated[
+        str | None, typer.Option(help="The job (default: the newest one writing OUTPUT, if Redis knows it).")
+    ] = None,
+    sample: Annotated[int, typer.Option(help="Rows shown with their images and pairs.")] = 12,
+    images_from: Annotated[
+        Path | None,
+        typer.Option(help="Folder of relative image paths (default: the job's input folder, else OUTPUT's)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample.")] = 0,
+) -> None:
+    """Write an HTML quality report of a job: counts by outcome and reason, checks, question types and
+    templates, and a sample of rows with image thumbnails and pairs. Figures come from the job's record
+    in Redis when it answers, else from the output and errors files."""
+    from producer.broker import check_redis, redis_client
+    from producer.settings import ProducerSettings
+    from workers.report import job_report, write_report
+
+    url = ProducerSettings().redis_url
+    r = None
+    try:
+        check_redis(url)
+        r = redis_client(url)
+    except ImageQAError as e:
+        if job:
+            raise fail(e) from None
+        console.print(f"[yellow]{e.message}; the figures come from the files alone[/yellow]")
+    if output is None and job is None:
+        raise typer.BadParameter("name the output file or --job", param_hint="OUTPUT")
+    try:
+        output, page, job_id = job_report(
+            output, r=r, job_id=job, images_from=images_from, sample_rows=sample, seed=seed
+        )
+    except ValueError as e:
+        raise fail(e) from None
+    target = html or output.with_name(output.stem + ".report.html")
+    write_report(target, page)
+    console.print(f"report of {f'job {job_id}' if job_id else output}: {target}")
 
 
 @app.command("parse-qa")

@@ -1,9 +1,10 @@
 """One task message in, one result record out: load images, prompt, generate, check the pairs.
 
-Generation is a loop: ask, parse leniently, check every pair, optionally verify the kept ones, and
-merge them; while fewer than ``min_pairs`` pairs are kept, ask again (``generation_tries`` requests
-at most, each a new request that lists the questions already taken) and finally fail with
-``qa_invalid`` and the rejection counts. No Celery here, so the whole step is testable with any
+Generation is a loop: ask, parse leniently, check every pair, optionally verify the kept ones, put
+them to the blind check and the judge (`workers.checks`), and merge them; while fewer than
+``min_pairs`` pairs are kept, ask again (``generation_tries`` requests at most, each a new request
+that lists the questions already taken) and finally fail with ``qa_invalid`` and the rejection
+counts. No Celery here, so the whole step is testable with any
 engine and no broker.
 """
 
@@ -20,7 +21,7 @@ from PIL.Image import Image
 
 from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord, TaskMessage
 from producer.errors import ErrorCode, GenerationError, ImageQAError
-from workers import metrics
+from workers import checks, metrics
 from workers.diversity import TemplateGate
 from workers.engines.base import Engine, EngineDead, EngineRequest, SamplingSettings
 from workers.images import load_image
@@ -56,8 +57,9 @@ def process(
     """
     started = time.perf_counter()
     pool = PairPool(message.params)
+    tally = checks.CheckTally()
     try:
-        pairs = _generate(message, runtime, settings, pool, templates)
+        pairs = _generate(message, runtime, settings, pool, tally, templates)
         outcome: dict[str, object] = {"qa_pairs": pairs}
     except ImageQAError as e:
         outcome = {"error": ErrorInfo(code=e.code, message=e.message)}
@@ -79,7 +81,7 @@ def process(
         model=settings.engine.model,
         worker=WORKER_NAME,
         elapsed_s=round(elapsed_s, 4),
-        qa_stats=pool.stats() if pool.tries else None,
+        qa_stats=tally.stats(pool.stats(), pool.pairs) if pool.tries else None,
         job_total=message.job_total,
         **outcome,  # type: ignore[arg-type]
     )
@@ -100,6 +102,7 @@ def _generate(
     runtime: EngineRuntime,
     settings: WorkerSettings,
     pool: PairPool,
+    tally: checks.CheckTally,
     templates: TemplateGate | None = None,
 ) -> list[QAPair]:
     params = message.params
@@ -112,6 +115,10 @@ def _generate(
         images = [load_image(ref, settings) for ref in message.images]
     spec = prompt_spec(params, len(images))
     deadline = time.monotonic() + max(1, settings.task_time_limit_s - 30)
+
+    def ask(requests: list[EngineRequest]) -> list[str]:
+        return _run(runtime, _generate_all(runtime.engine, requests), deadline - time.monotonic())
+
     for attempt in range(params.generation_tries):
         remaining_s = deadline - time.monotonic()
         if attempt and remaining_s < 1:
@@ -126,6 +133,11 @@ def _generate(
         kept = check.pairs
         if params.verify and kept:
             kept = _verify(message, runtime, images, kept, pool, deadline)
+        check_id = f"{message.job_id}:{message.item_id}:{attempt}"
+        if params.blind_check and kept:
+            kept = checks.blind_check(ask, check_id, params, kept, pool, tally)
+        if params.judge and kept:
+            kept = checks.judge(ask, check_id, params, images, kept, pool, tally)
         if params.max_template_share is not None and templates is not None and kept:
             # The job-wide share is the last check: it counts the pairs it lets through.
             kept, dropped = pool.admissible(kept)

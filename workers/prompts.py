@@ -28,6 +28,10 @@ GREEDY_RETRY_TEMPERATURE = 0.7
 """A regeneration with temperature 0 would repeat the same answer; it samples at this temperature."""
 VERIFY_TEMPERATURE = 0.0
 """The verification pass takes the model's most likely answer."""
+CHECK_TEMPERATURE = 0.0
+"""The blind check and the judge take the model's most likely answer too."""
+JUDGE_REASON_CHARS = 200
+"""Longest reason the judge may give for its score, in characters."""
 
 # Words of visible characters (no space, no control character) separated by single spaces, without
 # padding, with at least one letter or digit: what `workers.qa` keeps after collapsing whitespace.
@@ -230,6 +234,11 @@ def verify_spec(params: GenerationParams, question: str, n_images: int) -> Promp
         f"Look at the {image_word} and answer this question about it in a few words, from what is "
         f"visible only.\nQuestion: {question}\n"
     )
+    return _answer_spec(params, text)
+
+
+def _answer_spec(params: GenerationParams, text: str) -> PromptSpec:
+    """A request for one short answer: JSON ``{"answer": ...}`` or plain text, as the prompt writes."""
     if _template(params).json_output:
         schema: dict[str, Any] | None = {
             "type": "object",
@@ -252,4 +261,45 @@ def _text(min_chars: int, max_chars: int, question: bool) -> dict[str, Any]:
         "minLength": min_chars,
         "maxLength": max_chars,
         "pattern": f"^{_WORDS}{end}$",
+    }
+
+
+def blind_spec(params: GenerationParams, question: str) -> PromptSpec:
+    """The blind check's request: the question alone, sent with no image. A model that still answers
+    it as the pair does did not need the image. It is told to guess: a refusal would hide that."""
+    text = (
+        "Answer this question in a few words. If you cannot be sure, give your best guess.\n"
+        f"Question: {question}\n"
+    )
+    return _answer_spec(params, text)
+
+
+def judge_spec(params: GenerationParams, question: str, answer: str, n_images: int) -> PromptSpec:
+    """The judge's request: one pair and the image(s); the answer is a reason and a score of 1-5,
+    always as JSON (the score is read by a program, whatever the generation prompt's format)."""
+    image_word = "images" if n_images > 1 else "image"
+    text = (
+        f"Look at the {image_word}. Rate this question-answer pair about it from 1 to 5:\n"
+        f"5: the question is about what the {image_word} shows and the answer is correct and specific;\n"
+        "4: correct, with a minor flaw;\n"
+        f"3: acceptable, but vague, generic or answerable without the {image_word};\n"
+        "2: the answer is partly wrong, or the question is barely about what is visible;\n"
+        "1: wrong, unanswerable from what is visible, or nonsense.\n"
+        f"Question: {question}\nAnswer: {answer}\n"
+        'Reply with JSON only, in the form {"reason": "<one short sentence>", "score": <1 to 5>}.'
+    )
+    system = SYSTEM_PROMPT if params.system_prompt is None else params.system_prompt
+    return PromptSpec(text=text, system_prompt=system or None, json_schema=judge_schema())
+
+
+def judge_schema() -> dict[str, Any]:
+    """The judge's answer: a short reason first (the score follows from it), then the score."""
+    return {
+        "type": "object",
+        "properties": {
+            "reason": _text(1, JUDGE_REASON_CHARS, False),
+            "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["reason", "score"],
+        "additionalProperties": False,
     }

@@ -16,6 +16,8 @@ no pairs at all. Question types (`QA_TYPES`): ``type_invalid`` a type outside th
 synonyms: ``ocr`` is ``text``, ``color`` is ``attribute``, ...); ``type_missing`` no type while the
 job sets type quotas; ``type_surplus`` a valid pair left out to keep room for the types a row still
 lacks. ``template_overused`` is the job-wide template share (`workers.diversity`).
+``answerable_without_image``, ``judge_low`` and ``judge_unreadable`` come from the
+optional checks of `workers.checks`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ REASONS = frozenset(
         "question_too_long", "not_a_question", "answer_too_short", "answer_too_long",
         "answer_restates_question", "duplicate_question", "over_max_pairs", "unverified",
         "type_invalid", "type_missing", "type_surplus", "template_overused",
+        "answerable_without_image", "judge_low", "judge_unreadable",
     }
 )  # fmt: skip
 """Every rejection reason (stable codes: they are counted per job as ``rejected:<reason>``)."""

@@ -19,6 +19,10 @@ class FakeEngine(Engine):
     (the request never finishes), so fault handling can be tested with real processes. ``respond``
     replaces the answer: it gets each request and returns the raw output (for scripted tests). A
     verification request (a schema with a single ``answer``) is answered from the same pairs.
+
+    Without an image (the blind check) it knows one answer: it guesses "1" for "How many images",
+    right for a row of one image and wrong for more. As a judge it scores its count question 5, its
+    colour question 4 and its size question 2 (too generic), anything else 3.
     """
 
     name = "fake"
@@ -52,6 +56,12 @@ class FakeEngine(Engine):
             await asyncio.sleep(self.delay_s)
         if self.respond is not None:
             return self.respond(request)
+        if _asks_judgement(request):
+            score = next((s for q, s in _JUDGE_SCORES.items() if f"Question: {q}" in request.prompt), 3)
+            return orjson.dumps({"reason": f"fake verdict {score}", "score": score}).decode()
+        if not request.images:
+            guess = "1" if "Question: How many images" in request.prompt else "unsure"
+            return orjson.dumps({"answer": guess}).decode()
         digest = hashlib.sha1(b"".join(im.tobytes()[:4096] for im in request.images)).hexdigest()[:8]
         sizes = ", ".join(f"{im.width}x{im.height}" for im in request.images)
         pairs = [
@@ -78,6 +88,14 @@ class FakeEngine(Engine):
 
     async def shutdown(self) -> None:
         self.started = False
+
+
+_JUDGE_SCORES = {"How many images": 5, "What colour dominates": 4, "What size is": 2}
+
+
+def _asks_judgement(request: EngineRequest) -> bool:
+    schema = request.json_schema or {}
+    return set(schema.get("properties", {})) == {"reason", "score"}
 
 
 def _dominant(request: EngineRequest) -> str:
