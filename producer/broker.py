@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import logging
 import ssl
 import time
@@ -205,3 +207,60 @@ def task_sender(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
         app.send_task(name, kwargs=kwargs, queue=queue)
 
     return send
+
+
+@dataclass(frozen=True)
+class QueueHead:
+    """The task that has waited longest in a queue: the next one a worker takes."""
+
+    tag: str | None
+    """Kombu's delivery tag of the message; None where the broker does not show the head."""
+    enqueued_at: float | None
+    """The task message's ``enqueued_at`` (Unix time); None if it has none (a client that does not
+    set it) or the broker does not show the head."""
+
+
+UNKNOWN_HEAD = QueueHead(None, None)
+
+
+def queue_head(broker: Celery | str | redis.Redis, queue: str = QUEUE_GENERATE) -> QueueHead | None:
+    """The oldest waiting task of ``queue``, read without taking it; None when nothing waits.
+
+    Redis: the last element of Kombu's list (LINDEX -1; producers LPUSH, workers BRPOP), its body
+    decoded from Kombu's envelope. RabbitMQ cannot show a message without delivering it (and a
+    delivery marks it redelivered): always `UNKNOWN_HEAD`, whether tasks wait or not (`queue_depth`).
+    """
+    if isinstance(broker, redis.Redis):
+        return _redis_head(broker, queue)
+    app = broker if isinstance(broker, Celery) else _depth_app(broker)
+    with app.pool.acquire(block=True) as conn:
+        if conn.transport.driver_type == "redis":
+            return _redis_head(conn.default_channel.client, queue)
+    return UNKNOWN_HEAD
+
+
+def _redis_head(client: redis.Redis, queue: str) -> QueueHead | None:
+    raw: Any = client.lindex(queue, -1)
+    if raw is None:
+        return None
+    try:
+        envelope = json.loads(raw)
+        tag = envelope.get("properties", {}).get("delivery_tag")
+        body: Any = envelope.get("body")
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        task = json.loads(body)
+    except (ValueError, TypeError, AttributeError):
+        return UNKNOWN_HEAD
+    # Celery's message protocol 2 is [args, kwargs, embed]; protocol 1 a dict with "kwargs".
+    kwargs = (
+        task[1]
+        if isinstance(task, list) and len(task) > 1
+        else task.get("kwargs")
+        if isinstance(task, dict)
+        else None
+    )
+    enqueued_at = kwargs.get("enqueued_at") if isinstance(kwargs, dict) else None
+    if not isinstance(enqueued_at, int | float) or isinstance(enqueued_at, bool):
+        enqueued_at = None
+    return QueueHead(str(tag) if tag is not None else None, enqueued_at)

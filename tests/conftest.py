@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from producer.broker import redis_client
-from tests.helpers import ROOT, WorkerProcess
+from tests.helpers import ROOT, WorkerProcess, free_port
 
 REDIS_BASE = os.environ.get("IMAGEQA_TEST_REDIS", "redis://127.0.0.1:6379")
 FAKE_DB, ENGINE_DB, PLAIN_DB = 13, 14, 15
@@ -168,6 +168,8 @@ def engine_worker(
         IMAGEQA_ENGINE="vllm",
         IMAGEQA_MODEL=str(tiny_model),
         IMAGEQA_MAX_MODEL_LEN="4096",
+        # Its /metrics (vLLM's engine metrics included) on a free port: tests/test_dashboard.py.
+        IMAGEQA_METRICS_PORT=str(free_port()),
     )
     worker.start(600)
     yield Cluster(worker.env["IMAGEQA_REDIS_URL"], worker, str(tiny_model))

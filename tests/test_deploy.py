@@ -38,8 +38,9 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKER = ROOT / "ops" / "docker"
 ENTRYPOINT = DOCKER / "worker-entrypoint.sh"
 PROMETHEUS = ROOT / "ops" / "prometheus" / "prometheus.yml"
-SERVICES = {"redis", "worker", "collector", "flower", "prometheus", "rabbitmq"}
-PROFILES = {"prometheus": ["monitoring"], "rabbitmq": ["rabbitmq"]}
+GRAFANA = ROOT / "ops" / "grafana"
+SERVICES = {"redis", "worker", "collector", "flower", "prometheus", "grafana", "rabbitmq"}
+PROFILES = {"prometheus": ["monitoring"], "grafana": ["monitoring"], "rabbitmq": ["rabbitmq"]}
 LOOPBACK = "127.0.0.1"
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}; $$ escapes a dollar.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
@@ -104,7 +105,7 @@ def test_prometheus_and_rabbitmq_are_optional_profiles_and_the_rest_start_by_def
 
 
 def test_external_images_are_pinned_to_exact_versions(services):
-    for name in ("redis", "prometheus", "rabbitmq"):
+    for name in ("redis", "prometheus", "grafana", "rabbitmq"):
         image = services[name]["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+[\w.-]*", image), f"{name}: {image} is not pinned"
     for name in ("worker", "collector", "flower"):
@@ -210,8 +211,8 @@ def test_published_ports_bind_to_loopback_only(services):
             assert spec.count(":") == 2, f"{name}: {port!r} names no host address, so it binds to all"
             assert spec.split(":")[0] == LOOPBACK, f"{name}: {port} is not on loopback"
             published[name] = port
-    # Redis has its password; Flower its basic auth; Prometheus serves read-only metrics.
-    assert set(published) == {"redis", "flower", "prometheus", "rabbitmq"}
+    # Redis has its password; Flower its basic auth; Prometheus and Grafana's viewer are read-only.
+    assert set(published) == {"redis", "flower", "prometheus", "grafana", "rabbitmq"}
 
 
 def test_settings_in_the_compose_file_are_real_settings(services):
@@ -263,6 +264,35 @@ def test_prometheus_scrapes_every_worker_replica_the_collector_and_flower(servic
         assert str(services[name]["expose"][0]) == env_of(services[name])["IMAGEQA_METRICS_PORT"]
     mount = services["prometheus"]["volumes"][0]
     assert mount == "./ops/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+
+
+def test_grafana_shows_the_dashboard_on_the_profiles_prometheus(services):
+    grafana = services["grafana"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in grafana["volumes"]}
+    provisioning = Path(mounts["/etc/grafana/provisioning"])
+    assert provisioning == Path("./ops/grafana/provisioning")
+    (datasource,) = yaml.safe_load((ROOT / provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    prometheus_port = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}" and datasource["isDefault"]
+    (provider,) = yaml.safe_load((ROOT / provisioning / "dashboards" / "imageqa.yml").read_text())[
+        "providers"
+    ]
+    dashboards = ROOT / mounts[provider["options"]["path"]]
+    assert dashboards == GRAFANA / "dashboards"
+    dashboard = json.loads((dashboards / "imageqa.json").read_text())
+    home = env_of(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/imageqa.json"
+    # Every panel reads the provisioned Prometheus.
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+            assert all(t["datasource"]["uid"] == datasource["uid"] for t in panel["targets"]), panel["title"]
+    # No default admin password: the shell guard refuses an empty one.
+    assert env_of(grafana)["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_PASSWORD:-}"
+    assert '[ -n "$$GF_SECURITY_ADMIN_PASSWORD" ] ||' in grafana["entrypoint"][-1]
+    assert env_of(grafana)["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
 # --- docker compose config -------------------------------------------------------------------------

@@ -19,12 +19,13 @@ import pytest
 import yaml
 from celery import Celery
 
+from producer.broker import QueueDepth, queue_depth, redis_client
 from producer.constants import TASK_GENERATE
 from producer.contract import GenerationParams
 from producer.enqueue import enqueue_file
 from producer.settings import ProducerSettings
 from tests.conftest import Cluster
-from tests.helpers import ROOT, CollectorThread, make_images, wait_done, write_jsonl
+from tests.helpers import ROOT, CollectorThread, make_images, read_jsonl, wait_done, write_jsonl
 
 USER, PASSWORD = "operator", "flower-test-password"
 
@@ -186,3 +187,118 @@ def test_flower_sees_the_worker_and_its_finished_tasks(
         and f'worker="{worker_name}"' in line
     ]
     assert succeeded and float(succeeded[0].rsplit(" ", 1)[1]) >= 3
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's headless chromium through selenium (ops/ensure_chromium.sh installs it in make test)."""
+    chromium, driver_path = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    if not (chromium.exists() and driver_path.exists()):
+        pytest.skip(
+            "needs /usr/bin/chromium and /usr/bin/chromedriver (apt install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_flower_shows_each_rows_outcome_and_counts_error_rows_as_failed(
+    flower: Flower, fake_cluster: Cluster, media: Path, tmp_path: Path, browser: Any
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # Given Flower watching the worker (it switches the worker's task events on),
+    assert fake_cluster.worker.proc is not None
+    worker_name = f"imageqa-{fake_cluster.worker.proc.pid}@{socket.gethostname()}"
+    wait_until(
+        lambda: worker_name in flower.json("/api/workers?refresh=1"),
+        30,
+        f"flower does not list {worker_name}",
+    )
+    wait_until(
+        lambda: "Events of group {task} enabled by remote" in fake_cluster.worker.log(),
+        30,
+        "flower did not switch on the worker's task events",
+    )
+
+    # when a job runs with one good row and one whose image is missing,
+    (image,) = make_images(media, 1)
+    source = write_jsonl(media / "in.jsonl", [{"image": [image.name]}, {"image": ["missing.jpg"]}])
+    with CollectorThread(fake_cluster.redis_url):
+        summary = enqueue_file(
+            source,
+            tmp_path / "out.jsonl",
+            settings=ProducerSettings(redis_url=fake_cluster.redis_url),
+            params=GenerationParams(),
+        )
+        status = wait_done(fake_cluster.redis_url, summary.job_id, timeout_s=60)
+    assert (status.written, status.failed) == (1, 1)
+    mine = lambda tasks: {tid: t for tid, t in tasks.items() if tid.startswith(f"{summary.job_id}:")}  # noqa: E731
+    tasks = wait_until(
+        lambda: (
+            (t := mine(flower.json(f"/api/tasks?taskname={TASK_GENERATE}")))
+            and len(t) == 2
+            and all(x["state"] in ("SUCCESS", "FAILURE") for x in t.values())
+            and t
+        ),
+        30,
+        "flower did not see both tasks of the job finish",
+    )
+    failed_id = next(tid for tid, t in tasks.items() if t["state"] == "FAILURE")
+    ok_id = next(tid for tid, t in tasks.items() if t["state"] == "SUCCESS")
+
+    # then Flower's task list, in a browser, shows the good row's pair count and the other's error code,
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    browser.get(f"{flower.url}/tasks")
+
+    def table_rows() -> dict[str, dict[str, str]]:
+        # The list is filled by script (DataTables asks /tasks/datatable): read what is on screen.
+        headers = [
+            th.get_attribute("data-column")
+            for th in browser.find_elements(By.CSS_SELECTOR, "#tasks-table thead th")
+        ]
+        shown = {}
+        for tr in browser.find_elements(By.CSS_SELECTOR, "#tasks-table tbody tr"):
+            cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            if len(cells) == len(headers):
+                row = dict(zip(headers, cells, strict=True))
+                shown[tr.get_attribute("id")] = row
+        return shown
+
+    rows = WebDriverWait(browser, 30, poll_frequency=0.25).until(
+        lambda _: (r := table_rows()) and failed_id in r and ok_id in r and r,
+        "the task list never showed the job's two tasks",
+    )
+    assert rows[ok_id]["state"] == "SUCCESS"
+    assert rows[ok_id]["result"] == "'ok: 3 pairs'"
+    assert rows[failed_id]["state"] == "FAILURE"
+    assert rows[failed_id]["exception"].startswith("RowFailed('image_not_found: ")
+
+    # and its Failed filter lists the error row's task, not the good one.
+    browser.find_element(By.CSS_SELECTOR, '.task-state-filter[data-task-state="FAILURE"]').click()
+    failed_rows = WebDriverWait(browser, 30, poll_frequency=0.25).until(
+        lambda _: (r := table_rows()) and ok_id not in r and failed_id in r and r,
+        "the Failed filter did not list the error row's task alone",
+    )
+    assert all(row["state"] == "FAILURE" for row in failed_rows.values())
+
+    # The failed task was acknowledged, not put back: nothing waits or is held, and it ran once.
+    broker = redis_client(fake_cluster.redis_url)
+    time.sleep(1)
+    assert queue_depth(broker) == QueueDepth(0, 0)
+    log = fake_cluster.worker.log()
+    assert log.count(f"Task {TASK_GENERATE}[{failed_id}] received") == 1
+    assert f"Task {TASK_GENERATE}[{failed_id}] raised expected: RowFailed('image_not_found: " in log
+    assert read_jsonl(tmp_path / "out.errors.jsonl")[0]["error"]["code"] == "image_not_found"

@@ -37,7 +37,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from producer import jobs
-from producer.broker import RETRYABLE, RedisBackoff, celery_app, queue_depth, redis_client, task_sender
+from producer.broker import RETRYABLE, RedisBackoff, celery_app, redis_client, task_sender
 from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.contract import ResultRecord, error_row, output_row
 from producer.errors import ContractError
@@ -73,6 +73,7 @@ class Collector:
         self._configs: dict[str, JobConfig] = {}
         self._last_claim = 0.0
         self._last_observe = 0.0
+        self._queue_watch = metrics.QueueWatch()
         self._celery: Any = None
         self._celery_lock = threading.Lock()
         self.stall = StallWatch(
@@ -187,10 +188,7 @@ class Collector:
             if group["name"] in (COLLECTOR_GROUP, COLLECTOR_GROUP.encode()):
                 metrics.COLLECTOR_LAG.set(group.get("lag") or 0)
                 metrics.COLLECTOR_PENDING.set(group.get("pending") or 0)
-        try:
-            metrics.QUEUE_DEPTH.set(queue_depth(self.settings.broker).waiting)
-        except Exception as e:  # a gauge is not worth the collector: RabbitMQ may be down, not Redis
-            log.warning("queue depth unknown: %s", e)
+        self._queue_watch.observe(self.settings.broker)
 
     def trim(self) -> int:
         """Drops the results every consumer group has read and acknowledged, so the stream holds what
@@ -255,8 +253,8 @@ class Collector:
         for batch in writing.values():
             self.rows_written += len(batch.ok)
             self.rows_failed += len(batch.failed)
-            metrics.ROWS.labels("output").inc(len(batch.ok))
-            metrics.ROWS.labels("errors").inc(len(batch.failed))
+            metrics.COLLECTOR_ROWS.labels("output").inc(len(batch.ok))
+            metrics.COLLECTOR_ROWS.labels("errors").inc(len(batch.failed))
         for job_id, batch in batches.items():
             if batch.job.finish_if_complete(self._send_task):
                 self._configs.pop(job_id, None)

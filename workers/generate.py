@@ -70,9 +70,9 @@ def process(
         outcome = {"error": ErrorInfo(code=ErrorCode.INTERNAL_ERROR, message=f"{type(e).__name__}: {e}")}
     elapsed_s = time.perf_counter() - started
     error = outcome.get("error")
-    metrics.IMAGES.labels(
-        "failed" if error else "ok", error.code if isinstance(error, ErrorInfo) else ""
-    ).inc()
+    metrics.count_row(
+        str(error.code) if isinstance(error, ErrorInfo) else None, len(pool.pairs), pool.reasons, elapsed_s
+    )
     record = ResultRecord(
         job_id=message.job_id,
         item_id=message.item_id,
@@ -113,6 +113,7 @@ def _generate(
         )
     with metrics.stage("load"):
         images = [load_image(ref, settings) for ref in message.images]
+    metrics.IMAGES.inc(len(images))
     spec = prompt_spec(params, len(images))
     deadline = time.monotonic() + max(1, settings.task_time_limit_s - 30)
 

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery
 from celery.exceptions import Reject
@@ -35,14 +35,29 @@ EXIT_ENGINE_DEAD = 70
 _gate = IsolationGate()
 
 
+class RowFailed(Exception):
+    """Raised by the task once its row's error record (or its quarantine entry) is in Redis, so that
+    Celery reports the task as failed with the error code: a ``task-failed`` event, which monitors
+    such as Flower count. Its message is acknowledged all the same (acks on failure), so the row is
+    neither retried nor delivered again; Celery logs it at INFO, without a traceback."""
+
+
 def register(app: Celery) -> None:
     """Registers `generate` as ``imageqa.generate`` on the worker's app (`workers.app.create_app`)."""
-    app.task(name=TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(
-        generate
-    )
+    app.task(
+        name=TASK_GENERATE,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        acks_on_failure_or_timeout=True,
+        ignore_result=True,
+        throws=(RowFailed,),
+    )(generate)
 
 
-def generate(self: Any, *args: Any, **kwargs: Any) -> None:
+def generate(self: Any, *args: Any, **kwargs: Any) -> str:
+    """Returns the row's outcome, ``"ok: 4 pairs"``, or raises `RowFailed` for an error row; either
+    reaches monitors in the task's events (there is no result backend)."""
     # Kombu marks a message it puts back (its worker died, or it was requeued) as redelivered.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
@@ -51,8 +66,7 @@ def generate(self: Any, *args: Any, **kwargs: Any) -> None:
         screened = screen(args, kwargs, worker_settings().max_message_bytes)
         if screened.problem is not None:
             _refuse(screened, args, kwargs, self.request.id or "")
-            return
-        _generate(kwargs, redelivered)
+        return _outcome(_generate(kwargs, redelivered))
     except RETRYABLE as e:
         # Redis stayed away longer than the retry budget: put the message back rather than lose it.
         log.error("Redis unavailable for too long (%s); requeueing the task", e)
@@ -85,12 +99,21 @@ class CancelFlags:
 _cancel_flags = CancelFlags()
 
 
-def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
+def _outcome(record: ResultRecord) -> str:
+    if record.error is not None:
+        raise _failed(record.error.code, record.error.message)
+    return f"ok: {len(record.qa_pairs or ())} pairs"
+
+
+def _failed(code: str, message: str, prefix: str = "") -> RowFailed:
+    return RowFailed(f"{prefix}{code}: {message[:200]}")
+
+
+def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> ResultRecord:
     try:
         message = TaskMessage.decode(kwargs)
     except ContractError as e:
         _reject(kwargs, e)
-        return
     if message.enqueued_at:
         metrics.QUEUE_WAIT.observe(max(0.0, time.time() - message.enqueued_at))
     if _cancel_flags.cancelled(message.job_id):
@@ -99,7 +122,7 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
         )
         record = _error(message.model_dump(mode="json"), error)
         with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
-        return
+        return record
     if redelivered:
         # It may be the item that crashed the last worker (see isolation.py): its last allowed start
         # runs alone, earlier ones beside the others, so a preempted worker's tasks come back at full
@@ -115,6 +138,7 @@ def _generate(kwargs: dict[str, Any], redelivered: bool = False) -> None:
         with _gate.normal():
             record = _run(message, 1)
     with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
+    return record
 
 
 def _run(message: TaskMessage, attempts: int) -> ResultRecord:
@@ -157,15 +181,15 @@ def _error(kwargs: dict[str, Any], error: ErrorInfo) -> ResultRecord:
     )
 
 
-def _reject(kwargs: dict[str, Any], error: ContractError) -> None:
+def _reject(kwargs: dict[str, Any], error: ContractError) -> NoReturn:
     """An invalid message becomes an error row when it names its job and item (else: `_refuse`)."""
     _refuse(Screened(kwargs, error), (), kwargs, "")
 
 
-def _refuse(screened: Screened, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str) -> None:
+def _refuse(screened: Screened, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str) -> NoReturn:
     """A message the worker cannot use becomes its item's error row when it names its job and item,
-    and goes to the quarantine otherwise; either is in Redis before the task returns and the message
-    is acknowledged. A message too large to keep has its row left out of the error row."""
+    and goes to the quarantine otherwise; either is in Redis before the task fails (`RowFailed`) and
+    the message is acknowledged. A message too large to keep has its row left out of the error row."""
     error = screened.problem
     assert error is not None
     if screened.names_item:
@@ -174,7 +198,7 @@ def _refuse(screened: Screened, args: tuple[Any, ...], kwargs: dict[str, Any], t
             fields = {**fields, "row": None}
         record = _error(fields, ErrorInfo(code=error.code, message=error.message))
         with_redis_retry(lambda: publish(results_client(), record), PUBLISH_RETRY_S)
-        return
+        raise _failed(error.code, error.message)
     raw = raw_message(args, kwargs)
 
     def store() -> None:
@@ -192,3 +216,4 @@ def _refuse(screened: Screened, args: tuple[Any, ...], kwargs: dict[str, Any], t
         pipe.execute()
 
     with_redis_retry(store, PUBLISH_RETRY_S)
+    raise _failed(error.code, error.message, prefix="quarantined: ")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from producer.errors import ErrorCode, GenerationError
+from workers import metrics
 from workers.engines.base import Engine, EngineRequest
 
 if TYPE_CHECKING:
@@ -163,6 +164,9 @@ class OpenAIEngine(Engine):
                 )
                 await asyncio.sleep(delay_s)
                 continue
+            usage = getattr(response, "usage", None)
+            if usage is not None:
+                metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
             return _text(response, request.request_id)
 
     def _request_kwargs(self, request: EngineRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from workers import metrics
+
 from . import lifeline
 from .base import Engine, EngineDead, EngineRequest
 
@@ -87,7 +89,9 @@ class VLLMEngineConfig:
             enforce_eager=self.enforce_eager,
             structured_outputs_config=structured,
             seed=self.seed,
-            disable_log_stats=True,  # periodic stat logging costs CPU in the engine loop
+            # No periodic stats log line; VLLMEngine still collects the stats for its Prometheus
+            # metrics (the worker's /metrics), `offline_chat` does not.
+            disable_log_stats=True,
         )
         return {**kwargs, **self.extra_engine_args}
 
@@ -158,11 +162,14 @@ class VLLMEngine(Engine):
         def build() -> None:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
+            from vllm.v1.metrics.loggers import PrometheusStatLogger
 
             args = AsyncEngineArgs(**self.config.engine_kwargs())
             # Handed over through a list, not returned: the executor's futures and its worker
             # frame would keep a returned engine alive after shutdown(), until interpreter exit.
-            built.append(AsyncLLM.from_engine_args(args))
+            # vLLM's engine metrics (vllm:*) go to prometheus-client's default registry, which the
+            # worker's /metrics serves; with log stats off, the only stat logger (no periodic log).
+            built.append(AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger]))
 
         # Import + construction block for many seconds; a thread keeps the loop responsive.
         # AsyncLLM supports construction outside the loop: it starts its output task lazily.
@@ -224,6 +231,7 @@ class VLLMEngine(Engine):
         if final is None or not final.outputs:
             raise RuntimeError(f"vLLM returned no output for request {request.request_id}")
         completion = final.outputs[0]
+        metrics.count_tokens(len(final.prompt_token_ids or ()), len(completion.token_ids or ()))
         if completion.finish_reason == "length":
             logger.warning("request %s hit max_tokens; output is truncated", request.request_id)
         return completion.text
