@@ -284,7 +284,9 @@ class Collector:
                 if is_done:
                     continue
                 if record.ok:
-                    batch.ok.append(orjson.dumps(output_row(record, output_key)))
+                    # The journal always keeps the provenance (and so the row index): outputs
+                    # without it, and ordered ones, are made from it when the job completes.
+                    batch.ok.append(orjson.dumps(output_row(record, output_key, meta=True)))
                 else:
                     batch.failed.append(record)
             batch.records = {
