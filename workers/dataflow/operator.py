@@ -65,8 +65,8 @@ class ImageQAGenerate:
             results[row_input.index] = result
         output = [_output_row(i, row, results[i], output_key, error_key) for i, row in enumerate(rows)]
         if meta_key is not None:
-            for row, result in zip(output, results, strict=True):
-                row[meta_key] = result.meta if result is not None else None
+            for row, done in zip(output, results, strict=True):
+                row[meta_key] = done.meta if done is not None else None
         path = storage.write(output)
         failed = sum(error_key in row for row in output)
         log.info(
