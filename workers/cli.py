@@ -182,6 +182,36 @@ def run(
         console.print(f"errors: {st.errors_path}")
 
 
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="A finished output: JSONL or Parquet, a path or a URL.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The file to write (a path or a URL).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="llava, sharegpt, messages (OpenAI chat) or parquet.")
+    ] = "llava",
+    ordered: Annotated[
+        bool, typer.Option("--ordered", help="Rows in input order (by qa_meta.row_index).")
+    ] = False,
+    image_key: Annotated[str, typer.Option(help="The rows' image field.")] = "image",
+    pairs_key: Annotated[str, typer.Option(help="The rows' pairs field.")] = "qa_pairs",
+) -> None:
+    """Turn a finished output into a training file: LLaVA conversations (with <image> placeholders),
+    ShareGPT, OpenAI chat messages, or Parquet. A .json target gets one JSON array, others JSONL."""
+    from workers.export import FORMATS
+    from workers.export import export as export_output
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
+    setup_logging("WARNING")
+    try:
+        written = export_output(
+            source, output, fmt, ordered=ordered, image_key=image_key, pairs_key=pairs_key
+        )
+    except ImageQAError as e:
+        raise fail(e) from None
+    console.print(f"{written} {fmt} records -> {output}")
+
+
 @app.command("parse-qa")
 def parse_qa(
     file: Annotated[
