@@ -29,6 +29,7 @@ from producer.contract import (
 from producer.errors import ErrorCode, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
 from producer.jobs import JobRecord
+from producer.outputs import is_remote, plan_output
 from producer.results import publish
 from producer.settings import ProducerSettings
 
@@ -50,15 +51,18 @@ def default_errors_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.stem + ".errors.jsonl")
 
 
-def default_job_id(input_path: Path, output_path: Path, params: GenerationParams) -> str:
+def default_job_id(
+    input_path: Path, output_path: Path | str, params: GenerationParams, *, meta: bool = True
+) -> str:
     """Same input, same output and same settings give the same job, so a rerun resumes it."""
-    key = f"{input_path.resolve()}|{output_path.resolve()}|{params.fingerprint()}"
+    output = str(output_path) if is_remote(str(output_path)) else Path(output_path).resolve()
+    key = f"{input_path.resolve()}|{output}|{params.fingerprint()}" + ("" if meta else "|no-meta")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def enqueue_file(
     input_path: Path,
-    output_path: Path,
+    output_path: Path | str,
     *,
     settings: ProducerSettings,
     params: GenerationParams,
@@ -69,8 +73,10 @@ def enqueue_file(
     on_progress: Callable[[int], None] | None = None,
     on_done_task: str | None = None,
     on_done_queue: str | None = None,
+    meta: bool = True,
 ) -> EnqueueSummary:
-    """Enqueues every row of ``input_path`` as a job writing to ``output_path``.
+    """Enqueues every row of ``input_path`` as a job writing to ``output_path``: a ``.jsonl`` or
+    ``.parquet`` path or URL (`producer.outputs`); ``meta=False`` leaves each row's ``qa_meta`` out.
 
     Rows already written by an earlier run of the same job are skipped. A row that cannot become a
     task (malformed, no images) is sent straight to the collector as an error row. Relative image
@@ -79,20 +85,22 @@ def enqueue_file(
     """
     check_redis(settings.redis_url)
     rows = read_rows(input_path, input_format)
-    output_path = output_path.resolve()
-    errors_path = (errors_path or default_errors_path(output_path)).resolve()
-    job_id = job_id or default_job_id(input_path, output_path, params)
+    plan = plan_output(output_path, meta=meta, errors_path=errors_path)
+    job_id = job_id or default_job_id(input_path, output_path, params, meta=meta)
     base = (media_base or (input_path if input_path.is_dir() else input_path.parent)).resolve()
     r = redis_client(settings.redis_url)
     job = JobRecord(r, job_id)
     job.register(
-        output_path=str(output_path),
-        errors_path=str(errors_path),
+        output_path=plan.journal_path,
+        errors_path=plan.errors_path,
         output_key=settings.output_key,
         input_path=str(input_path.resolve()),
         params_json=params.model_dump_json(),
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
+        final_output=plan.final_output,
+        final_errors=plan.final_errors,
+        meta=meta,
     )
     job.record_source(input_format=input_format, media_base=str(base), image_key=settings.image_key)
     app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-producer")
@@ -139,7 +147,12 @@ def enqueue_file(
             ids.close()
         r.close()
     log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())
-    return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
+    return EnqueueSummary(
+        job_id=job_id,
+        output_path=plan.final_output or plan.journal_path,
+        errors_path=plan.final_errors or plan.errors_path,
+        **counts,
+    )
 
 
 def send_message(app: Celery, producer: Any, message: TaskMessage, *, declare: bool) -> None:

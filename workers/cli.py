@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from producer.cli import (
+    OUTPUT_HELP,
     AnswerCharsOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
     ModelOption,
+    NoMetaOption,
     PairsOption,
     QuestionCharsOption,
     SkipCheckOption,
@@ -122,13 +124,14 @@ def healthcheck(
 @with_generation_options
 def run(
     input_path: Annotated[Path, typer.Argument(help="JSONL, JSON, CSV, Parquet or a folder of images.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL.")],
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)],
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
     input_format: Annotated[str | None, typer.Option("--format")] = None,
     stall_timeout_s: Annotated[
         float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
     ] = 3600.0,
+    no_meta: NoMetaOption = False,
     *,
     params: GenerationParams,
 ) -> None:
@@ -144,13 +147,14 @@ def run(
             media_root=(input_path if input_path.is_dir() else input_path.parent).resolve(),
             log=console,
         ) as cluster:
-            summary = cluster.enqueue(input_path, output, params, input_format=input_format)
+            meta = not no_meta
+            summary = cluster.enqueue(input_path, output, params, input_format=input_format, meta=meta)
 
             def resend(st: JobStatus) -> None:
                 console.print(
                     f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
                 )
-                cluster.enqueue(input_path, output, params, input_format=input_format)
+                cluster.enqueue(input_path, output, params, input_format=input_format, meta=meta)
 
             try:
                 with progress_bar("images") as update:
@@ -177,9 +181,13 @@ def run(
     )
     if st.agreement_rate is not None:
         console.print(f"verification: {st.agreement_rate:.0%} of {st.qa.get('verified', 0)} answers agreed")
-    console.print(f"output: {st.output_path}")
+    if st.publish_error:
+        console.print(f"[red]output not written[/red]: {st.publish_error}")
+        console.print(f"the rows are in {st.output_path}; rerun the command to try again")
+        raise typer.Exit(1)
+    console.print(f"output: {st.output}")
     if st.failed:
-        console.print(f"errors: {st.errors_path}")
+        console.print(f"errors: {st.errors}")
 
 
 @app.command()

@@ -31,17 +31,13 @@ import orjson
 
 from producer.contract import META_KEY
 from producer.errors import OutputError
+from producer.outputs import is_parquet, is_remote
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("llava", "sharegpt", "messages", "parquet")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 IMAGE_TOKEN = "<image>"
 Row = dict[str, Any]
-
-
-def is_parquet(target: str) -> bool:
-    return target.lower().endswith(PARQUET_SUFFIXES)
 
 
 def read_output(source: str) -> list[Row]:
@@ -217,13 +213,19 @@ def write_records(records: Iterable[Row], target: str) -> None:
 
 
 def _write(target: str, write: Callable[[Any], object]) -> None:
-    import fsspec
-
     try:
-        with fsspec.open(target, "wb") as f:  # makes local folders as needed
+        with open_target(target) as f:
             write(f)
     except Exception as e:
         raise OutputError(f"cannot write {target}: {type(e).__name__}: {e}") from e
+
+
+def open_target(target: str) -> Any:
+    """``target`` opened for writing: a local file in folders made as needed, or an object (whose
+    bucket must exist: it is not created)."""
+    import fsspec
+
+    return fsspec.open(target, "wb", auto_mkdir=not is_remote(target))
 
 
 def export(
