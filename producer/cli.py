@@ -37,6 +37,15 @@ PairsOption = Annotated[str, typer.Option("--pairs", help="Pairs per image: N or
 ModelOption = Annotated[str | None, typer.Option("--model", help="Local model folder or hub id.")]
 
 
+OUTPUT_HELP = (
+    "Output: .jsonl (default) or .parquet, a path or a URL (s3://, gs://, ...). A local .jsonl with "
+    "qa_meta is written as rows arrive; the others when the job completes, in input order."
+)
+NoMetaOption = Annotated[
+    bool, typer.Option("--no-meta", help="Leave each row's qa_meta (provenance) out of the output.")
+]
+
+
 def parse_pairs(text: str) -> tuple[int, int]:
     try:
         low, _, high = text.partition("-")
@@ -285,7 +294,7 @@ def fail(error: Exception) -> typer.Exit:
 @with_generation_options
 def enqueue(
     input_path: Annotated[str, typer.Argument(help=INPUT_HELP)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, written by the collector.")],
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)],
     job_id: Annotated[
         str | None, typer.Option(help="Job id (default: from input, output, settings).")
     ] = None,
@@ -296,6 +305,7 @@ def enqueue(
     on_done_queue: Annotated[str, typer.Option(help="Queue of --on-done-task.")] = "celery",
     image_column: ImageColumnOption = None,
     split: SplitOption = None,
+    no_meta: NoMetaOption = False,
     *,
     params: GenerationParams,
 ) -> None:
@@ -314,6 +324,7 @@ def enqueue(
             on_done_task=on_done_task,
             on_done_queue=on_done_queue,
             split=split,
+            meta=not no_meta,
         )
     except ImageQAError as e:
         raise fail(e) from None
@@ -400,7 +411,12 @@ def describe(st: JobStatus) -> str:
         text += f"; {st.resent} rows re-sent after they were lost in transit"
     if st.retried:
         text += f"; {st.retried} failed rows retried"
-    return text + f" -> {st.output_path}"
+    text += f" -> {st.output}"
+    if st.publish_error:
+        text += f" (not written yet: {st.publish_error}; the collector tries again)"
+    elif st.final_output and st.finished_at is not None and st.published_at is None:
+        text += " (being written)"
+    return text
 
 
 def describe_checks(st: JobStatus) -> str:

@@ -27,6 +27,9 @@ QUARANTINE_MAXLEN = 100_000
 QUARANTINE_COUNT = f"{PREFIX}:quarantine:count"
 """Counter: entries ever quarantined (the stream itself is bounded)."""
 
+PUBLISH_PENDING = f"{PREFIX}:publish"
+"""Set of job ids that are complete but whose final output (`JOB_FINAL_OUTPUT`) is not written yet."""
+
 
 # Fields of the job hash (`job_key`). Only `producer.jobs` reads or writes them.
 
@@ -69,6 +72,23 @@ JOB_ON_DONE_TASK = "on_done_task"
 
 JOB_ON_DONE_QUEUE = "on_done_queue"
 """Job hash field: queue of the ``on_done_task``."""
+
+JOB_FINAL_OUTPUT = "final_output"
+"""Job hash field: the output made from the collector's journal (``output_path``) when the job
+completes (Parquet, ``--no-meta``, object storage: `producer.outputs`); absent when the journal is
+the output."""
+
+JOB_FINAL_ERRORS = "final_errors"
+"""Job hash field: where the errors file is uploaded when the job completes (object storage)."""
+
+JOB_META = "meta"
+"""Job hash field: 1 if the final output keeps each row's ``qa_meta``, 0 if not (the journal always does)."""
+
+JOB_PUBLISHED_AT = "published_at"
+"""Job hash field: when the final output was last written, Unix time in seconds."""
+
+JOB_PUBLISH_ERROR = "publish_error"
+"""Job hash field: why the final output could not be written (the collector tries again)."""
 
 JOB_WRITTEN = "written"
 """Job hash counter: rows written to the output file."""

@@ -247,6 +247,26 @@ class QAStats(_Frozen):
     )
 
 
+class Provenance(_Frozen):
+    """How a worker made a row's pairs, beyond its model and name: enough to trace the row to its
+    settings and make it again (``qa_meta`` in the output)."""
+
+    model_revision: str | None = Field(
+        default=None, description="The served checkpoint's revision (hub commit or a hash of its files)."
+    )
+    prompt_name: str = Field(description="Built-in prompt name, or 'custom' for a prompt_template.")
+    prompt_hash: str = Field(
+        description="Hash of the full rendered prompt (system prompt and user text): equal for rows made "
+        "with the same prompt."
+    )
+    sampling: dict[str, float | int] = Field(
+        default_factory=dict, description="temperature, top_p and max_tokens of the generation requests."
+    )
+    params_fingerprint: str | None = Field(
+        default=None, description="`GenerationParams.fingerprint` of the task's parameters."
+    )
+
+
 class ResultRecord(_Frozen):
     """What a worker (or a producer, for a row it could not enqueue) appends to the results stream."""
 
@@ -262,6 +282,7 @@ class ResultRecord(_Frozen):
     worker: str | None = None
     elapsed_s: float | None = None
     job_total: int | None = Field(default=None, ge=1, description="The task message's ``job_total``.")
+    provenance: Provenance | None = None
 
     @model_validator(mode="after")
     def _one_outcome(self) -> ResultRecord:
@@ -284,11 +305,40 @@ class ResultRecord(_Frozen):
             raise ContractError(f"result record does not match the contract: {_short(e)}") from e
 
 
-def output_row(record: ResultRecord, output_key: str) -> dict[str, Any]:
-    """The output line for a successful record: the original row plus the pairs under output_key."""
+META_KEY = "qa_meta"
+"""Key of an output row's provenance object (`output_meta`)."""
+
+
+def output_row(record: ResultRecord, output_key: str, *, meta: bool = False) -> dict[str, Any]:
+    """The output line for a successful record: the original row plus the pairs under output_key,
+    and with ``meta`` its provenance under `META_KEY`."""
     row = dict(record.row) if isinstance(record.row, dict) else {"row": record.row}
     row[output_key] = [p.model_dump(exclude_none=True) for p in record.qa_pairs or []]
+    if meta:
+        row[META_KEY] = output_meta(record)
     return row
+
+
+def output_meta(record: ResultRecord) -> dict[str, Any]:
+    """How the record's row was made: its job, item and row index, the model and its revision, the
+    prompt's name and hash, the sampling settings, the worker, the generation seconds and the whole
+    `QAStats` (tries, rejected pairs by reason, ...). Every key is present in every row (null when
+    unknown), so the rows of a file share one shape."""
+    made = record.provenance
+    return {
+        "job_id": record.job_id,
+        "item_id": record.item_id,
+        "row_index": record.row_index,
+        "model": record.model,
+        "model_revision": made.model_revision if made else None,
+        "prompt_name": made.prompt_name if made else None,
+        "prompt_hash": made.prompt_hash if made else None,
+        "sampling": dict(made.sampling) if made else None,
+        "params_fingerprint": made.params_fingerprint if made else None,
+        "worker": record.worker,
+        "elapsed_s": record.elapsed_s,
+        "qa_stats": record.qa_stats.model_dump(mode="json") if record.qa_stats else None,
+    }
 
 
 def error_row(record: ResultRecord) -> dict[str, Any]:

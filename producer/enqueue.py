@@ -29,6 +29,7 @@ from producer.contract import (
 from producer.errors import ErrorCode, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
 from producer.jobs import JobRecord
+from producer.outputs import plan_output
 from producer.results import publish
 from producer.settings import ProducerSettings
 from producer.sources import Location, absolute, is_dir, location, parent
@@ -51,15 +52,18 @@ def default_errors_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.stem + ".errors.jsonl")
 
 
-def default_job_id(input_path: str | Path, output_path: Path, params: GenerationParams) -> str:
+def default_job_id(
+    input_path: str | Path, output_path: Path | str, params: GenerationParams, *, meta: bool = True
+) -> str:
     """Same input, same output and same settings give the same job, so a rerun resumes it."""
-    key = f"{absolute(location(input_path))}|{output_path.resolve()}|{params.fingerprint()}"
+    output = absolute(location(output_path))
+    key = f"{absolute(location(input_path))}|{output}|{params.fingerprint()}" + ("" if meta else "|no-meta")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def enqueue_file(
     input_path: str | Path,
-    output_path: Path,
+    output_path: Path | str,
     *,
     settings: ProducerSettings,
     params: GenerationParams,
@@ -71,8 +75,10 @@ def enqueue_file(
     on_progress: Callable[[int], None] | None = None,
     on_done_task: str | None = None,
     on_done_queue: str | None = None,
+    meta: bool = True,
 ) -> EnqueueSummary:
-    """Enqueues every row of ``input_path`` as a job writing to ``output_path``.
+    """Enqueues every row of ``input_path`` as a job writing to ``output_path``: a ``.jsonl`` or
+    ``.parquet`` path or URL (`producer.outputs`); ``meta=False`` leaves each row's ``qa_meta`` out.
 
     Rows already written by an earlier run of the same job are skipped. A row that cannot become a
     task (malformed, no images) is sent straight to the collector as an error row. ``input_path`` is a
@@ -84,20 +90,22 @@ def enqueue_file(
     check_redis(settings.redis_url)
     source = absolute(location(input_path))
     rows = read_rows(source, input_format, split=split, image_key=settings.image_key)
-    output_path = output_path.resolve()
-    errors_path = (errors_path or default_errors_path(output_path)).resolve()
-    job_id = job_id or default_job_id(input_path, output_path, params)
+    plan = plan_output(output_path, meta=meta, errors_path=errors_path)
+    job_id = job_id or default_job_id(input_path, output_path, params, meta=meta)
     base = absolute(media_base or (source if is_dir(source) else parent(source)))
     r = redis_client(settings.redis_url)
     job = JobRecord(r, job_id)
     job.register(
-        output_path=str(output_path),
-        errors_path=str(errors_path),
+        output_path=plan.journal_path,
+        errors_path=plan.errors_path,
         output_key=settings.output_key,
         input_path=str(source),
         params_json=params.model_dump_json(),
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
+        final_output=plan.final_output,
+        final_errors=plan.final_errors,
+        meta=meta,
     )
     job.record_source(
         input_format=input_format, media_base=str(base), image_key=settings.image_key, split=split
@@ -146,7 +154,12 @@ def enqueue_file(
             ids.close()
         r.close()
     log.info("job %s: %d rows, %d enqueued, %d rejected, %d already done", job_id, *counts.values())
-    return EnqueueSummary(job_id=job_id, output_path=str(output_path), errors_path=str(errors_path), **counts)
+    return EnqueueSummary(
+        job_id=job_id,
+        output_path=plan.final_output or plan.journal_path,
+        errors_path=plan.final_errors or plan.errors_path,
+        **counts,
+    )
 
 
 def send_message(app: Celery, producer: Any, message: TaskMessage, *, declare: bool) -> None:

@@ -41,6 +41,7 @@ class ErrorCode(str, enum.Enum):
     DATAFLOW_INVALID = "dataflow_invalid"
     STORAGE_ERROR = "storage_error"
     CLUSTER_ERROR = "cluster_error"
+    OUTPUT_FAILED = "output_failed"
     INTERNAL_ERROR = "internal_error"
 
     # Explicit, so that str(), f-strings and %-formatting give the value on every Python version.
@@ -83,6 +84,7 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.DATAFLOW_INVALID: "the DataFlow operator API was used wrongly",
     ErrorCode.STORAGE_ERROR: "a DataFlow step file cannot be read or written",
     ErrorCode.CLUSTER_ERROR: "a DataFlow cluster job cannot finish",
+    ErrorCode.OUTPUT_FAILED: "a finished output cannot be read, converted, written or uploaded",
     ErrorCode.INTERNAL_ERROR: "an unexpected failure (a bug)",
 }
 """One line per code: what it means."""
@@ -178,3 +180,10 @@ class ClusterServingError(ImageQAError):
     """Raised when a cluster job cannot finish: Redis is gone, the wait timed out, results are missing."""
 
     code = ErrorCode.CLUSTER_ERROR
+
+
+class OutputError(ImageQAError):
+    """Raised when a job's final output (Parquet, object storage) or an export cannot be read,
+    converted or written."""
+
+    code = ErrorCode.OUTPUT_FAILED

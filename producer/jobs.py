@@ -78,6 +78,26 @@ class JobStatus:
         rate = round(answerable / checked, 4) if checked else None
         return {"checked": checked, "answerable": answerable, "answerable_rate": rate}
 
+    final_output: str = ""
+    """The output made from the journal (``output_path``) when the job completes; empty: the
+    journal is the output (`producer.outputs`)."""
+    final_errors: str = ""
+    """Where the errors file is uploaded when the job completes; empty: ``errors_path`` is final."""
+    published_at: float | None = None
+    """When the final output was written."""
+    publish_error: str = ""
+    """Why the final output could not be written (the collector tries again)."""
+
+    @property
+    def output(self) -> str:
+        """Where the job's rows end up."""
+        return self.final_output or self.output_path
+
+    @property
+    def errors(self) -> str:
+        """Where the job's failed rows end up."""
+        return self.final_errors or self.errors_path
+
     @property
     def agreement_rate(self) -> float | None:
         """Share of verified pairs whose answers agreed; None without a verification pass."""
@@ -86,7 +106,10 @@ class JobStatus:
 
     @property
     def finished(self) -> bool:
-        return self.finished_at is not None and self.state in ("done", "cancelled")
+        """Every row is written and, for a final output, that output too (or its failure recorded)."""
+        if self.finished_at is None or self.state not in ("done", "cancelled"):
+            return False
+        return not self.final_output or self.published_at is not None or bool(self.publish_error)
 
     @property
     def rate_per_s(self) -> float:
@@ -106,6 +129,8 @@ class JobStatus:
             "eta_s": self.eta_s,
             "agreement_rate": self.agreement_rate,
             "blind": self.blind,
+            "output": self.output,
+            "errors": self.errors,
         }
 
 
@@ -118,6 +143,12 @@ class JobConfig:
     output_key: str
     registered: bool
     """False for a job the collector adopted: only its results name its items."""
+    final_output: str = ""
+    """Made from ``output_path`` (the journal) when the job completes (`producer.outputs`)."""
+    final_errors: str = ""
+    """Where ``errors_path`` is uploaded when the job completes."""
+    meta: bool = True
+    """The final output keeps each row's ``qa_meta``."""
 
 
 @dataclass(frozen=True)
@@ -167,23 +198,32 @@ class JobRecord:
         params_json: str,
         on_done_task: str | None = None,
         on_done_queue: str | None = None,
+        final_output: str = "",
+        final_errors: str = "",
+        meta: bool = True,
     ) -> None:
-        """Creates the job, or reopens it for another enqueue pass over the same input."""
+        """Creates the job, or reopens it for another enqueue pass over the same input.
+
+        An empty ``output_path`` lets the collector pick the journal and errors files in its output
+        folder (for a ``final_output`` on object storage); see `producer.outputs`."""
         now = time.time()
         pipe = self.r.pipeline()
         pipe.hsetnx(self.key, constants.JOB_CREATED_AT, now)
-        pipe.hset(
-            self.key,
-            mapping={
-                constants.JOB_STATE: "enqueuing",
-                constants.JOB_OUTPUT_PATH: output_path,
-                constants.JOB_ERRORS_PATH: errors_path,
-                constants.JOB_OUTPUT_KEY: output_key,
-                constants.JOB_INPUT_PATH: input_path,
-                constants.JOB_PARAMS: params_json,
-                constants.JOB_ENQUEUE_COMPLETE: 0,
-            },
-        )
+        fields: dict[FieldT, EncodableT] = {
+            constants.JOB_STATE: "enqueuing",
+            constants.JOB_OUTPUT_KEY: output_key,
+            constants.JOB_INPUT_PATH: input_path,
+            constants.JOB_PARAMS: params_json,
+            constants.JOB_ENQUEUE_COMPLETE: 0,
+            constants.JOB_META: int(meta),
+        }
+        if output_path:
+            fields |= {constants.JOB_OUTPUT_PATH: output_path, constants.JOB_ERRORS_PATH: errors_path}
+        if final_output:
+            fields |= {constants.JOB_FINAL_OUTPUT: final_output, constants.JOB_FINAL_ERRORS: final_errors}
+        else:
+            pipe.hdel(self.key, constants.JOB_FINAL_OUTPUT, constants.JOB_FINAL_ERRORS)
+        pipe.hset(self.key, mapping=fields)
         pipe.hdel(self.key, constants.JOB_FINISHED_AT, constants.JOB_CANCELLED)
         if on_done_task:
             pipe.hset(
@@ -425,27 +465,61 @@ class JobRecord:
         (complete, declared), total, done = pipe.execute()
         if complete != b"1" or done < max(total, int(declared or 0)):
             return False
-        if self.r.hsetnx(self.key, constants.JOB_FINISHED_AT, time.time()):
+        keys = [self.key, constants.PUBLISH_PENDING]
+        args = [
+            constants.JOB_FINISHED_AT,
+            time.time(),
+            constants.JOB_FINAL_OUTPUT,
+            constants.JOB_PUBLISHED_AT,
+            constants.JOB_PUBLISH_ERROR,
+            self.job_id,
+        ]
+        finished = int(self.r.eval(_FINISH, len(keys), *keys, *args))  # type: ignore[arg-type]
+        if finished:
             if self.r.hget(self.key, constants.JOB_CANCELLED) != b"1":
                 self.r.hset(self.key, constants.JOB_STATE, "done")
-            status = job_status(self.r, self.job_id)
-            assert status is not None
-            event = {
-                "job_id": self.job_id,
-                "event": "finished",
-                "state": status.state,
-                "written": status.written,
-                "failed": status.failed,
-                "output_path": status.output_path,
-                "errors_path": status.errors_path,
-            }
-            self.r.publish(constants.job_events_channel(self.job_id), orjson.dumps(event))
-            callback: list[bytes | None] = self.r.hmget(
-                self.key, [constants.JOB_ON_DONE_TASK, constants.JOB_ON_DONE_QUEUE]
-            )  # type: ignore[assignment]
-            if callback[0] and send_task is not None:
-                send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
+            if finished == 1:  # else it is announced once its final output is written
+                self.announce(send_task)
         return True
+
+    def announce(self, send_task: SendTask | None = None) -> None:
+        """Announces that the job finished on its pub/sub channel and, if the enqueuer named one,
+        sends the Celery task ``on_done_task`` with the job's figures."""
+        status = job_status(self.r, self.job_id)
+        assert status is not None
+        event = {
+            "job_id": self.job_id,
+            "event": "finished",
+            "state": status.state,
+            "written": status.written,
+            "failed": status.failed,
+            "output_path": status.output,
+            "errors_path": status.errors,
+        }
+        if status.publish_error:
+            event["output_error"] = status.publish_error
+        self.r.publish(constants.job_events_channel(self.job_id), orjson.dumps(event))
+        callback: list[bytes | None] = self.r.hmget(
+            self.key, [constants.JOB_ON_DONE_TASK, constants.JOB_ON_DONE_QUEUE]
+        )  # type: ignore[assignment]
+        if callback[0] and send_task is not None:
+            send_task(callback[0].decode(), (callback[1] or b"celery").decode(), event)
+
+    def mark_published(self, error: str = "") -> None:
+        """Records that the final output was written (and leaves the pending set), or why not (and
+        stays there, to be tried again)."""
+        pipe = self.r.pipeline()
+        if error:
+            pipe.hset(self.key, constants.JOB_PUBLISH_ERROR, error)
+        else:
+            pipe.hset(self.key, constants.JOB_PUBLISHED_AT, time.time())
+            pipe.hdel(self.key, constants.JOB_PUBLISH_ERROR)
+            pipe.srem(constants.PUBLISH_PENDING, self.job_id)
+        pipe.execute()
+
+    def publish_failed_before(self) -> bool:
+        """True if an earlier attempt to write the final output failed."""
+        return bool(self.r.hexists(self.key, constants.JOB_PUBLISH_ERROR))
 
 
 _TAKE_FOR_RETRY = """
@@ -477,6 +551,25 @@ return taken
 hash's field names, then item id, error code pairs."""
 
 
+_FINISH = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0 then return 1 end
+redis.call('HDEL', KEYS[1], ARGV[4], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[6])
+return 2
+"""
+"""Lua for `JobRecord.finish_if_complete`: KEYS job hash, pending-publication set; ARGV the finished
+field and time, the final-output, published and publish-error fields, the job id. Returns 0 (already
+finished), 1 (finished) or 2 (finished, its final output now to be written: marked pending, with
+no trace of an earlier one, atomically, so no reader sees the old output as this one)."""
+
+
+def pending_publications(r: redis.Redis) -> list[str]:
+    """The jobs that are complete but whose final output is not written yet."""
+    ids: set[bytes] = r.smembers(constants.PUBLISH_PENDING)  # type: ignore[assignment]
+    return sorted(job_id.decode() for job_id in ids)
+
+
 def job_file_stem(job_id: str) -> str:
     """The stem of a job's file names (``<stem>.jsonl``, ``<stem>.errors.jsonl``), one no other job id
     gets: the id itself when it is only ASCII letters, digits, ``-``, ``_`` and ``.``, else those
@@ -497,6 +590,9 @@ def _config(h: dict[str, str]) -> JobConfig | None:
         errors_path=h[constants.JOB_ERRORS_PATH],
         output_key=h.get(constants.JOB_OUTPUT_KEY, "qa_pairs"),
         registered=constants.JOB_INPUT_PATH in h,
+        final_output=h.get(constants.JOB_FINAL_OUTPUT, ""),
+        final_errors=h.get(constants.JOB_FINAL_ERRORS, ""),
+        meta=h.get(constants.JOB_META, "1") == "1",
     )
 
 
@@ -562,6 +658,10 @@ def job_status(r: redis.Redis, job_id: str) -> JobStatus | None:
             "top_templates": [[t.decode(), int(n)] for t, n in templates],
         },
         judge_scores=_prefixed(h, constants.JOB_JUDGE_PREFIX),
+        final_output=h.get(constants.JOB_FINAL_OUTPUT, ""),
+        final_errors=h.get(constants.JOB_FINAL_ERRORS, ""),
+        published_at=float(h[constants.JOB_PUBLISHED_AT]) if constants.JOB_PUBLISHED_AT in h else None,
+        publish_error=h.get(constants.JOB_PUBLISH_ERROR, ""),
     )
 
 

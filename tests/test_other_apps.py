@@ -131,7 +131,8 @@ def check_results(redis_url: str, folder: Path, job_id: str, images: list[Path],
     out, errors = wait_for_lines(folder, job_id, len(images) + 1)
     assert sorted(row["image"] for row in out) == sorted([str(p)] for p in images)
     for row in out:
-        assert set(row) == {"image", "qa_pairs"}
+        assert set(row) == {"image", "qa_pairs", "qa_meta"}
+        assert row["qa_meta"]["job_id"] == job_id and row["qa_meta"]["item_id"]
         assert len(row["qa_pairs"]) >= 3
         assert all(pair["question"].strip() and pair["answer"].strip() for pair in row["qa_pairs"])
     assert [(e["row"], e["error"]["code"]) for e in errors] == [

@@ -13,11 +13,13 @@ import typer
 
 from producer.cli import (
     INPUT_HELP,
+    OUTPUT_HELP,
     AnswerCharsOption,
     ImageColumnOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
     ModelOption,
+    NoMetaOption,
     PairsOption,
     QuestionCharsOption,
     SkipCheckOption,
@@ -127,7 +129,7 @@ def healthcheck(
 @with_generation_options
 def run(
     input_path: Annotated[str, typer.Argument(help=INPUT_HELP)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL.")],
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)],
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight.")] = None,
     input_format: Annotated[str | None, typer.Option("--format")] = None,
@@ -139,6 +141,7 @@ def run(
     report_html: Annotated[
         Path | None, typer.Option("--report", help="Also write the job's HTML quality report here.")
     ] = None,
+    no_meta: NoMetaOption = False,
     *,
     params: GenerationParams,
 ) -> None:
@@ -160,13 +163,16 @@ def run(
             else (source if is_dir(source) else source.parent).resolve(),
             log=console,
         ) as cluster:
-            summary = cluster.enqueue(input_path, output, params, input_format=input_format, split=split)
+            meta = not no_meta
+            summary = cluster.enqueue(
+                input_path, output, params, input_format=input_format, split=split, meta=meta
+            )
 
             def resend(st: JobStatus) -> None:
                 console.print(
                     f"[yellow]{st.total - st.done} rows were lost in transit; sending them again[/yellow]"
                 )
-                cluster.enqueue(input_path, output, params, input_format=input_format, split=split)
+                cluster.enqueue(input_path, output, params, input_format=input_format, split=split, meta=meta)
 
             try:
                 with progress_bar("images") as update:
@@ -186,7 +192,7 @@ def run(
             if report_html is not None:  # while the job's record is at hand (an embedded Redis stops)
                 from workers.report import job_report, write_report
 
-                write_report(report_html, job_report(output, r=cluster.redis, job_id=summary.job_id)[1])
+                write_report(report_html, job_report(None, r=cluster.redis, job_id=summary.job_id)[1])
     except ImageQAError as e:
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
@@ -200,9 +206,13 @@ def run(
     checked = describe_checks(st)
     if checked:
         console.print(checked.removeprefix("; ").replace("; ", "\n"))
-    console.print(f"output: {st.output_path}")
+    if st.publish_error:
+        console.print(f"[red]output not written[/red]: {st.publish_error}")
+        console.print(f"the rows are in {st.output_path}; rerun the command to try again")
+        raise typer.Exit(1)
+    console.print(f"output: {st.output}")
     if st.failed:
-        console.print(f"errors: {st.errors_path}")
+        console.print(f"errors: {st.errors}")
     if report_html is not None:
         console.print(f"report: {report_html}")
 
@@ -252,6 +262,36 @@ def report(
     target = html or output.with_name(output.stem + ".report.html")
     write_report(target, page)
     console.print(f"report of {f'job {job_id}' if job_id else output}: {target}")
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="A finished output: JSONL or Parquet, a path or a URL.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The file to write (a path or a URL).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="llava, sharegpt, messages (OpenAI chat) or parquet.")
+    ] = "llava",
+    ordered: Annotated[
+        bool, typer.Option("--ordered", help="Rows in input order (by qa_meta.row_index).")
+    ] = False,
+    image_key: Annotated[str, typer.Option(help="The rows' image field.")] = "image",
+    pairs_key: Annotated[str, typer.Option(help="The rows' pairs field.")] = "qa_pairs",
+) -> None:
+    """Turn a finished output into a training file: LLaVA conversations (with <image> placeholders),
+    ShareGPT, OpenAI chat messages, or Parquet. A .json target gets one JSON array, others JSONL."""
+    from workers.export import FORMATS
+    from workers.export import export as export_output
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r}: expected one of {', '.join(FORMATS)}", param_hint="--format")
+    setup_logging("WARNING")
+    try:
+        written = export_output(
+            source, output, fmt, ordered=ordered, image_key=image_key, pairs_key=pairs_key
+        )
+    except ImageQAError as e:
+        raise fail(e) from None
+    console.print(f"{written} {fmt} records -> {output}")
 
 
 @app.command("parse-qa")

@@ -40,15 +40,19 @@ from producer import jobs
 from producer.broker import RETRYABLE, RedisBackoff, celery_app, redis_client, task_sender
 from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
 from producer.contract import ResultRecord, error_row, output_row
-from producer.errors import ContractError
+from producer.errors import ContractError, OutputError
 from producer.jobs import JobConfig, JobRecord
 from producer.quarantine import quarantine, recover_job_id
 from producer.results import FIELD
 from workers import metrics, retried
+from workers.publish import publish
 from workers.settings import CollectorSettings
 from workers.stall import StallWatch
 
 log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_S = 30.0
+"""After a failure to write a job's final output (an object store unreachable, say), the next try."""
 
 
 @dataclass
@@ -80,6 +84,9 @@ class Collector:
             self.r, self._celery_app, check_s=settings.stall_check_s, grace_s=settings.stall_grace_s
         )
         self._redis_lost_writes = False
+        self._last_publish = 0.0
+        self._publish_after: dict[str, float] = {}
+        """Job id -> when to try writing its final output again, after a failure (monotonic)."""
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Collects until ``stop`` is set; rides out Redis restarts and connection losses."""
@@ -94,6 +101,7 @@ class Collector:
                         self._redis_lost_writes = False
                         self.start()
                     self.maybe_claim()
+                    self.maybe_publish()
                     self.maybe_observe()
                     self.stall.maybe_check()
                     backoff.reset()
@@ -112,6 +120,7 @@ class Collector:
         while self.step(start_id="0") > 0:
             pass
         self.finish_open_jobs()
+        self.publish_pending()
 
     def ensure_group(self) -> None:
         try:
@@ -158,6 +167,49 @@ class Collector:
         for job_id in jobs.unfinished_jobs(self.r):
             if JobRecord(self.r, job_id).finish_if_complete(self._send_task):
                 log.info("job %s: every row was written before a restart; marked done", job_id)
+
+    def maybe_publish(self, every_s: float = 1.0) -> None:
+        """Writes the final outputs of jobs that completed (`publish_pending`), checked every ``every_s``
+        and right after a batch completes a job."""
+        if time.monotonic() - self._last_publish >= every_s:
+            self._last_publish = time.monotonic()
+            self.publish_pending()
+
+    def publish_pending(self) -> None:
+        """Writes the final output (Parquet, ``--no-meta``, object storage: `workers.publish`) of every
+        complete job that waits for one, marks it written and announces the job. A failure is recorded
+        in the job (``imageqa status`` shows it; the job is announced with it once) and tried again
+        after `PUBLISH_RETRY_S`."""
+        now = time.monotonic()
+        for job_id in jobs.pending_publications(self.r):
+            if self._publish_after.get(job_id, 0.0) > now:
+                continue
+            job = JobRecord(self.r, job_id)
+            config = job.config()
+            if config is None or not config.final_output:
+                job.mark_published()
+                continue
+            try:
+                rows = publish(config)
+            except Exception as e:  # an unreachable store or a bad journal must not stop collecting
+                failed_before = job.publish_failed_before()
+                message = e.message if isinstance(e, OutputError) else f"{type(e).__name__}: {e}"
+                log.error(
+                    "job %s: cannot write %s (trying again in %.0f s): %s",
+                    job_id,
+                    config.final_output,
+                    PUBLISH_RETRY_S,
+                    message,
+                )
+                job.mark_published(error=message)
+                self._publish_after[job_id] = now + PUBLISH_RETRY_S
+                if not failed_before:
+                    job.announce(self._send_task)
+                continue
+            self._publish_after.pop(job_id, None)
+            job.mark_published()
+            job.announce(self._send_task)
+            log.info("job %s: %d rows written to %s", job_id, rows, config.final_output)
 
     def maybe_claim(self) -> None:
         """Takes over entries that another, dead collector read but never acked."""
@@ -260,6 +312,7 @@ class Collector:
                 self._configs.pop(job_id, None)
                 if job_id in writing:
                     batch.job.clear_write_marker()
+                    self._last_publish = 0.0  # its final output, if it has one, without delay
 
     def _send_task(self, name: str, queue: str, kwargs: dict[str, object]) -> None:
         task_sender(self._celery_app())(name, queue, kwargs)
@@ -282,7 +335,9 @@ class Collector:
                 if is_done:
                     continue
                 if record.ok:
-                    batch.ok.append(orjson.dumps(output_row(record, output_key)))
+                    # The journal always keeps the provenance (and so the row index): outputs
+                    # without it, and ordered ones, are made from it when the job completes.
+                    batch.ok.append(orjson.dumps(output_row(record, output_key, meta=True)))
                 else:
                     batch.failed.append(record)
             batch.records = {
@@ -362,7 +417,10 @@ class Collector:
             if config is None:
                 # Tasks sent by a plain Celery client name a job nobody registered: adopt it.
                 config = job.adopt(Path(self.settings.output_dir).resolve())
-                log.info("job %s was not registered; writing it to %s", job.job_id, config.output_path)
+                if config.final_output:
+                    log.info("job %s: journal %s for %s", job.job_id, config.output_path, config.final_output)
+                else:
+                    log.info("job %s was not registered; writing it to %s", job.job_id, config.output_path)
             self._configs[job.job_id] = config
         return self._configs[job.job_id]
 

@@ -34,6 +34,7 @@ from workers.prompts import (
     retry_prompt,
     verify_spec,
 )
+from workers.provenance import provenance
 from workers.qa import PairPool, Rejection, answers_agree, check_output
 from workers.runtime import EngineRuntime
 from workers.settings import WorkerSettings
@@ -83,6 +84,7 @@ def process(
         elapsed_s=round(elapsed_s, 4),
         qa_stats=tally.stats(pool.stats(), pool.pairs) if pool.tries else None,
         job_total=message.job_total,
+        provenance=provenance(message.params, len(message.images), settings.engine.model),
         **outcome,  # type: ignore[arg-type]
     )
     log.info(

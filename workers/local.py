@@ -20,7 +20,7 @@ from rich.console import Console
 
 from producer.broker import check_redis, redis_client
 from producer.contract import GenerationParams
-from producer.enqueue import EnqueueSummary, default_errors_path, default_job_id, enqueue_file
+from producer.enqueue import EnqueueSummary, default_job_id, enqueue_file
 from producer.errors import BrokerUnavailable
 from producer.jobs import JobRecord
 from workers.collector import Collector
@@ -73,18 +73,27 @@ class LocalCluster:
     def enqueue(
         self,
         input_path: str | Path,
-        output: Path,
+        output: Path | str,
         params: GenerationParams,
         input_format: str | None = None,
         split: str | None = None,
+        *,
+        meta: bool = True,
     ) -> EnqueueSummary:
         settings = self.settings.producer.model_copy(update={"redis_url": self.redis_url})
-        job_id = default_job_id(input_path, output, params)
-        if not output.exists() and not default_errors_path(output.resolve()).exists():
+        job = JobRecord(self.redis, default_job_id(input_path, output, params, meta=meta))
+        config = job.config()
+        if config is not None and not any(Path(p).exists() for p in (config.output_path, config.errors_path)):
             # The files were removed (or never written): start the job afresh instead of skipping.
-            JobRecord(self.redis, job_id).reset()
+            job.reset()
         return enqueue_file(
-            input_path, output, settings=settings, params=params, input_format=input_format, split=split
+            input_path,
+            output,
+            settings=settings,
+            params=params,
+            input_format=input_format,
+            split=split,
+            meta=meta,
         )
 
     def worker_alive(self) -> bool:

@@ -27,7 +27,7 @@ import redis
 from producer.broker import check_redis, redact, redis_client
 from producer.cli import progress_bar
 from producer.constants import COLLECTOR_GROUP, RESULTS_STREAM
-from producer.contract import ErrorInfo, QAPair, canonical_json
+from producer.contract import META_KEY, ErrorInfo, QAPair, canonical_json
 from producer.enqueue import enqueue_file
 from producer.errors import ClusterServingError, ImageQAError
 from producer.jobs import JobRecord, JobStatus, job_status
@@ -180,8 +180,9 @@ def _write_lines(path: Path, lines: list[bytes]) -> None:
 
 
 def _results(lines: list[bytes], output: Path, errors: Path, output_key: str) -> list[RowResult | None]:
-    """Each row's result. An error line names its row; an output line is its input row plus the pairs,
-    so it is matched by content (identical rows are interchangeable)."""
+    """Each row's result. An error line names its row, and so does an output line's ``qa_meta``; an
+    output line without it is its input row plus the pairs, matched by content (identical rows are
+    interchangeable)."""
     results: list[RowResult | None] = [None] * len(lines)
     by_content: dict[bytes, deque[int]] = defaultdict(deque)
     for index, line in enumerate(lines):
@@ -191,12 +192,17 @@ def _results(lines: list[bytes], output: Path, errors: Path, output_key: str) ->
         if isinstance(row_index, int) and 0 <= row_index < len(lines) and results[row_index] is None:
             results[row_index] = RowResult(error=ErrorInfo.model_validate(entry["error"]))
     for row in _read_jsonl(output):
-        pairs = row.pop(output_key, None)
+        pairs = [QAPair.model_validate(p) for p in row.pop(output_key, None) or []]
+        meta = row.pop(META_KEY, None)
+        row_index = meta.get("row_index") if isinstance(meta, dict) else None
+        if isinstance(row_index, int) and 0 <= row_index < len(lines) and results[row_index] is None:
+            results[row_index] = RowResult(pairs=pairs, meta=meta)
+            continue
         candidates = by_content.get(canonical_json(row))
         while candidates:
             index = candidates.popleft()
             if results[index] is None:
-                results[index] = RowResult(pairs=[QAPair.model_validate(p) for p in pairs or []])
+                results[index] = RowResult(pairs=pairs, meta=meta)
                 break
     return results
 

@@ -40,12 +40,16 @@ class ImageQAGenerate:
         multi_modal_key: str = "image",
         output_key: str = "qa_pairs",
         error_key: str = "qa_error",
+        meta_key: str | None = None,
     ) -> list[str]:
         """Generates for every row of the current step and writes the next step; returns
-        ``[output_key]``. Raises `DataFlowError` (a ``ValueError``) when no row has
-        ``multi_modal_key`` or a row already has ``output_key`` or ``error_key``."""
+        ``[output_key]``. With ``meta_key`` (say ``"qa_meta"``) each row also gets how its pairs were
+        made under that key: model, prompt name and hash, sampling settings, tries, rejected pairs,
+        worker, generation seconds (see ``imageqa``'s ``qa_meta``); without it the rows keep the
+        documented shape. Raises `DataFlowError` (a ``ValueError``) when no row has
+        ``multi_modal_key`` or a row already has ``output_key``, ``error_key`` or ``meta_key``."""
         rows: list[dict[str, Any]] = storage.read(output_type="dict")
-        _check_keys(rows, multi_modal_key, output_key, error_key)
+        _check_keys(rows, multi_modal_key, output_key, error_key, meta_key)
         resolve: Callable[[str], str] = getattr(storage, "resolve_media", None) or _resolve_in_cwd
         results: list[RowResult | None] = [None] * len(rows)
         inputs = []
@@ -60,6 +64,9 @@ class ImageQAGenerate:
         for row_input, result in zip(inputs, self.llm_serving.generate(inputs, context), strict=True):
             results[row_input.index] = result
         output = [_output_row(i, row, results[i], output_key, error_key) for i, row in enumerate(rows)]
+        if meta_key is not None:
+            for row, done in zip(output, results, strict=True):
+                row[meta_key] = done.meta if done is not None else None
         path = storage.write(output)
         failed = sum(error_key in row for row in output)
         log.info(
@@ -72,15 +79,17 @@ class ImageQAGenerate:
         return [output_key]
 
 
-def _check_keys(rows: list[dict[str, Any]], image_key: str, output_key: str, error_key: str) -> None:
+def _check_keys(
+    rows: list[dict[str, Any]], image_key: str, output_key: str, error_key: str, meta_key: str | None
+) -> None:
     if not rows:
         return
     columns = dict.fromkeys(key for row in rows for key in row)
     if image_key not in columns:
         shown = ", ".join(list(columns)[:20])
         raise DataFlowError(f"input has no column {image_key!r} (multi_modal_key); its columns: {shown}")
-    for key, name in ((output_key, "output_key"), (error_key, "error_key")):
-        if key in columns:
+    for key, name in ((output_key, "output_key"), (error_key, "error_key"), (meta_key, "meta_key")):
+        if key is not None and key in columns:
             raise DataFlowError(
                 f"input already has a column {key!r}; choose another {name} so it is not overwritten"
             )

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from producer.cli import progress_bar
-from producer.contract import ErrorInfo, GenerationParams, QAPair, TaskMessage
+from producer.contract import ErrorInfo, GenerationParams, QAPair, TaskMessage, output_meta
 from producer.errors import ContractError, DataFlowError, ErrorCode
 from workers.engines.base import Engine
 from workers.generate import process
@@ -50,6 +50,8 @@ class RowResult:
 
     pairs: list[QAPair] | None = None
     error: ErrorInfo | None = None
+    meta: dict[str, Any] | None = None
+    """How the pairs were made (`producer.contract.output_meta`), when the serving knows."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,9 @@ class LocalServing(Serving):
                 update(done, failed)
                 for future in as_completed(futures):
                     record = future.result()  # raises only when the engine itself is gone
-                    results[futures[future]] = RowResult(pairs=record.qa_pairs, error=record.error)
+                    results[futures[future]] = RowResult(
+                        pairs=record.qa_pairs, error=record.error, meta=output_meta(record)
+                    )
                     done, failed = done + 1, failed + (not record.ok)
                     update(done, failed)
         finally:
