@@ -11,7 +11,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,16 @@ class JobConfig:
 class JobSource:
     """How to read a job's input again: what re-sending lost rows and retrying failed ones need."""
 
-    input_path: Path
+    input_path: Path | None
+    """None for rows an application gave in memory (`producer.enqueue_rows`)."""
     input_format: str | None
     """Reader name (``jsonl``, ...); None: by the file's suffix."""
     media_base: Path
     """Relative image paths resolve against this folder."""
     image_key: str
     params: GenerationParams
+    kept_rows: bool = False
+    """Rows given in memory are kept in Redis with the job (`JobRecord.keep_rows`)."""
 
 
 SendTask = Callable[[str, str, dict[str, object]], None]
@@ -173,9 +176,14 @@ class JobRecord:
         pipe.zadd(constants.JOBS_INDEX, {self.job_id: now}, nx=True)
         pipe.execute()
 
-    def record_source(self, *, input_format: str | None, media_base: str, image_key: str) -> None:
-        """Records how the input was read (see `source`), beside the input path `register` recorded."""
-        source = {"format": input_format, "media_base": media_base, "image_key": image_key}
+    def record_source(
+        self, *, input_format: str | None, media_base: str, image_key: str, kept_rows: bool | None = None
+    ) -> None:
+        """Records how the input was read (see `source`), beside the input path `register` recorded.
+        ``kept_rows``: the rows were given in memory (no input path), kept in Redis or not."""
+        source: dict[str, Any] = {"format": input_format, "media_base": media_base, "image_key": image_key}
+        if kept_rows is not None:
+            source["kept_rows"] = kept_rows
         self.r.hset(self.key, constants.JOB_SOURCE, orjson.dumps(source))
 
     def source(self) -> JobSource | None:
@@ -188,15 +196,40 @@ class JobRecord:
         input_path, params, source = raw
         if input_path is None or params is None:
             return None
-        path = Path(input_path.decode())
         fields = orjson.loads(source) if source else {}
+        in_memory = "kept_rows" in fields
+        path = None if in_memory else Path(input_path.decode())
+        default_base = Path.cwd() if path is None else path if path.is_dir() else path.parent
         return JobSource(
             input_path=path,
             input_format=fields.get("format"),
-            media_base=Path(fields.get("media_base") or (path if path.is_dir() else path.parent)),
+            media_base=Path(fields.get("media_base") or default_base),
             image_key=fields.get("image_key") or "image",
             params=GenerationParams.model_validate_json(params),
+            kept_rows=bool(fields.get("kept_rows")),
         )
+
+    def keep_rows(self, pipe: redis.client.Pipeline, rows: Mapping[str, tuple[int, Any]]) -> None:
+        """Adds to ``pipe``: keep ``rows`` (item id -> (row index, row)) of a job given in memory."""
+        if rows:
+            pipe.hset(
+                constants.job_rows_key(self.job_id),
+                mapping={item_id: orjson.dumps(list(row)) for item_id, row in rows.items()},
+            )
+
+    def kept_rows(self, count: int = 500) -> Iterator[list[tuple[str, int, Any]]]:
+        """The kept rows (see `keep_rows`), in batches of about ``count``: (item id, row index, row)."""
+        cursor = 0
+        while True:
+            cursor, found = self.r.hscan(constants.job_rows_key(self.job_id), cursor, count=count)
+            batch = []
+            for item_id, value in found.items():
+                index, row = orjson.loads(value)
+                batch.append((item_id.decode(), int(index), row))
+            if batch:
+                yield batch
+            if cursor == 0:
+                return
 
     def count_resent(self, rows: int) -> None:
         """Counts ``rows`` more rows sent again after they were lost in transit."""
@@ -276,6 +309,7 @@ class JobRecord:
             constants.job_done_key(self.job_id),
             constants.job_attempts_key(self.job_id),
             constants.job_retrying_key(self.job_id),
+            constants.job_rows_key(self.job_id),
         )
 
     def lost_in_transit(self, status: JobStatus, broker: Celery | str | None = None) -> bool:
@@ -339,6 +373,17 @@ class JobRecord:
         """Adds to ``pipe``: read the collector's write marker (a dict, empty if there is none)."""
         pipe.hgetall(constants.job_writing_key(self.job_id))
 
+    def begin_write(self, pipe: redis.client.Pipeline, marker: Mapping[str, EncodableT]) -> None:
+        """Adds to ``pipe``: set the collector's write marker to ``marker`` (its ``output_path``,
+        ``output_size``, ``errors_path`` and ``errors_size`` the files as they are now) unless the
+        current marker records those files smaller than they are, or other files: then the reply is
+        the current marker (a flat list, as HGETALL's), untouched, for the caller to undo what Redis
+        no longer records before it sets the marker; else the reply is None. One command where a read
+        and a write would take two round trips."""
+        head = [marker[name] for name in ("output_path", "output_size", "errors_path", "errors_size")]
+        rest = [value for pair in marker.items() for value in pair]
+        pipe.eval(_BEGIN_WRITE, 1, constants.job_writing_key(self.job_id), *head, *rest)
+
     def clear_write_marker(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Deletes the write marker, or adds that to ``pipe``."""
         (pipe if pipe is not None else self.r).delete(constants.job_writing_key(self.job_id))
@@ -374,19 +419,29 @@ class JobRecord:
         """Adds to ``pipe``: the retries of ``item_ids`` are written."""
         pipe.srem(constants.job_retrying_key(self.job_id), *item_ids)
 
-    def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
+    def read_completion(self, pipe: redis.client.Pipeline) -> None:
+        """Adds to ``pipe`` the three reads `finish_if_complete` judges by (so that the collector makes
+        them part of its commit instead of another round trip)."""
+        pipe.hmget(self.key, [constants.JOB_ENQUEUE_COMPLETE, constants.JOB_DECLARED_TOTAL])
+        pipe.scard(constants.job_items_key(self.job_id))
+        pipe.scard(constants.job_done_key(self.job_id))
+
+    def finish_if_complete(
+        self, send_task: SendTask | None = None, completion: Sequence[Any] | None = None
+    ) -> bool:
         """Marks the job done when enqueueing is over and every item is written (as many as the
         declared total, if there is one: `declare_total`); True if it is done.
 
         Called by the collector after each batch and by the producer after enqueueing; idempotent.
         When the job finishes it announces it on its pub/sub channel and, if the enqueuer named one,
-        sends the Celery task ``on_done_task`` with the job's figures.
+        sends the Celery task ``on_done_task`` with the job's figures. ``completion``: the replies of
+        `read_completion`, if the caller read them already.
         """
-        pipe = self.r.pipeline()
-        pipe.hmget(self.key, [constants.JOB_ENQUEUE_COMPLETE, constants.JOB_DECLARED_TOTAL])
-        pipe.scard(constants.job_items_key(self.job_id))
-        pipe.scard(constants.job_done_key(self.job_id))
-        (complete, declared), total, done = pipe.execute()
+        if completion is None:
+            pipe = self.r.pipeline()
+            self.read_completion(pipe)
+            completion = pipe.execute()
+        (complete, declared), total, done = completion
         if complete != b"1" or done < max(total, int(declared or 0)):
             return False
         if self.r.hsetnx(self.key, constants.JOB_FINISHED_AT, time.time()):
@@ -439,6 +494,24 @@ return taken
 """
 """Lua for `JobRecord.take_for_retry`: KEYS job hash, done set, retrying set, restart counts; ARGV the
 hash's field names, then item id, error code pairs."""
+
+
+_BEGIN_WRITE = """
+local m = redis.call('HMGET', KEYS[1], 'output_path', 'output_size', 'errors_path', 'errors_size')
+for i = 0, 1 do
+  local path, size = m[1 + 2 * i], m[2 + 2 * i]
+  if path and size and tonumber(size) >= 0 then
+    if path ~= ARGV[1 + 2 * i] or tonumber(ARGV[2 + 2 * i]) > tonumber(size) then
+      return redis.call('HGETALL', KEYS[1])
+    end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+return false
+"""
+"""Lua for `JobRecord.begin_write`: KEYS the write marker; ARGV the output path and size, the errors
+path and size, then the new marker's field, value pairs. Sent with EVAL (Redis keeps it compiled):
+EVALSHA in a pipeline would cost a SCRIPT EXISTS round trip per pipeline."""
 
 
 def job_file_stem(job_id: str) -> str:
