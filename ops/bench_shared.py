@@ -88,7 +88,7 @@ def bench_collect(url: str, folder: Path, rows: int, image: Path) -> dict[str, f
     }
 
 
-def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, float]:
+def bench_e2e(url: str, folder: Path, rows: int, concurrency: int, broker_url: str = "") -> dict[str, float]:
     r = redis_client(url)
     r.flushdb()
     media = folder / "e2e-media"
@@ -106,13 +106,16 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
             "IMAGEQA_MEDIA_ROOTS": str(media),
             "IMAGEQA_CONCURRENCY": str(concurrency),
             "IMAGEQA_METRICS_PORT": "0",
+            "IMAGEQA_BROKER_URL": broker_url,
         },
         folder / "e2e-worker.log",
     )
     worker.start(120)
     assert worker.proc is not None
     stop = threading.Event()
-    collector = Collector(CollectorSettings(redis_url=url, block_ms=100, metrics_port=0))
+    collector = Collector(
+        CollectorSettings(redis_url=url, broker_url=broker_url, block_ms=100, metrics_port=0)
+    )
     thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
     thread.start()
     try:
@@ -121,7 +124,10 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
         cpu_before, redis_before = proc_cpu_s(worker.proc.pid), proc_cpu_s(redis_pid)
         started = time.perf_counter()
         summary = enqueue_file(
-            source, out, settings=ProducerSettings(redis_url=url), params=GenerationParams()
+            source,
+            out,
+            settings=ProducerSettings(redis_url=url, broker_url=broker_url),
+            params=GenerationParams(),
         )
         enqueued_s = time.perf_counter() - started
         while True:
@@ -157,7 +163,7 @@ def bench_e2e(url: str, folder: Path, rows: int, concurrency: int) -> dict[str, 
 def command_counts(r: redis.Redis) -> dict[str, int]:
     """Calls per Redis command since the last ``CONFIG RESETSTAT`` (``INFO commandstats``); the
     benchmark's own polling of the job (HGETALL and SCARD every 20 ms) is in them."""
-    stats: dict[str, dict[str, int]] = r.info("commandstats")  # type: ignore[assignment]
+    stats: dict[str, dict[str, int]] = r.info("commandstats")
     counts = {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in stats.items()}
     for own in ("info", "config|resetstat"):  # this reading
         counts.pop(own, None)
@@ -250,6 +256,12 @@ def main() -> None:
         "--redis-url",
         help="use this Redis (its database is FLUSHED before and after each figure) instead of a private one",
     )
+    parser.add_argument(
+        "--broker-url",
+        default="",
+        help="end to end: tasks on this broker (amqp:// for RabbitMQ) instead of the Redis, which keeps "
+        "the job registry and the results",
+    )
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_child:
@@ -269,7 +281,9 @@ def main() -> None:
                 if "collect" in only:
                     runs["collect"].append(bench_collect(url, folder, args.rows, image))
                 if "e2e" in only:
-                    runs["e2e"].append(bench_e2e(url, folder, args.e2e_rows, args.concurrency))
+                    runs["e2e"].append(
+                        bench_e2e(url, folder, args.e2e_rows, args.concurrency, args.broker_url)
+                    )
                 if "floor" in only:
                     runs["floor"].append(bench_celery_floor(url, folder, args.e2e_rows, args.concurrency))
     report(runs, args)

@@ -221,7 +221,8 @@ class JobRecord:
         """The kept rows (see `keep_rows`), in batches of about ``count``: (item id, row index, row)."""
         cursor = 0
         while True:
-            cursor, found = self.r.hscan(constants.job_rows_key(self.job_id), cursor, count=count)
+            reply: Any = self.r.hscan(constants.job_rows_key(self.job_id), cursor, count=count)
+            cursor, found = reply
             batch = []
             for item_id, value in found.items():
                 index, row = orjson.loads(value)
@@ -373,7 +374,7 @@ class JobRecord:
         """Adds to ``pipe``: read the collector's write marker (a dict, empty if there is none)."""
         pipe.hgetall(constants.job_writing_key(self.job_id))
 
-    def begin_write(self, pipe: redis.client.Pipeline, marker: Mapping[str, EncodableT]) -> None:
+    def begin_write(self, pipe: redis.client.Pipeline, marker: Mapping[FieldT, EncodableT]) -> None:
         """Adds to ``pipe``: set the collector's write marker to ``marker`` (its ``output_path``,
         ``output_size``, ``errors_path`` and ``errors_size`` the files as they are now) unless the
         current marker records those files smaller than they are, or other files: then the reply is

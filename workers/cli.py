@@ -13,6 +13,7 @@ import typer
 
 from producer.cli import (
     AnswerCharsOption,
+    ConfigOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
     ModelOption,
@@ -129,6 +130,7 @@ def run(
     stall_timeout_s: Annotated[
         float, typer.Option(help="Give up when no row finishes for this long (0: wait forever).")
     ] = 3600.0,
+    config: ConfigOption = None,
     *,
     params: GenerationParams,
 ) -> None:
