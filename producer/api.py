@@ -72,6 +72,10 @@ def enqueue_rows(
     ``on_done_task`` names a Celery task sent (to ``on_done_queue``) with the job's figures when it
     finishes. Raises ``ImageQAError`` (``BrokerUnavailable``) when Redis does not answer.
     """
+    if isinstance(rows, Mapping | str | bytes):
+        raise TypeError(
+            f"rows must be an iterable of rows, not a {type(rows).__name__}: wrap one row in a list"
+        )
     params = _params(params, generation)
     settings = _settings(settings, redis_url)
     summary = enqueue_iter(

@@ -42,8 +42,13 @@ def test_the_api_is_exported_with_its_documentation():
     assert {"enqueue_rows", "wait", "GenerationParams", "JobStatus"} <= set(producer.__all__)
 
 
+@pytest.fixture(params=["fake", pytest.param("engine", marks=pytest.mark.engine)])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    return request.getfixturevalue(f"{request.param}_cluster")
+
+
 def test_rows_from_a_generator_become_a_job_that_wait_follows_to_the_end(
-    fake_cluster: Cluster, media: Path, tmp_path: Path
+    cluster: Cluster, media: Path, tmp_path: Path
 ):
     # Given images on disk, named relative to a folder, and an application's generator of rows
     images = make_images(media, 4)
@@ -53,33 +58,42 @@ def test_rows_from_a_generator_become_a_job_that_wait_follows_to_the_end(
     out = tmp_path / "qa.jsonl"
     seen: list[JobStatus] = []
 
-    with CollectorThread(fake_cluster.redis_url):
+    with CollectorThread(cluster.redis_url):
         # When it enqueues them without a file, then waits with a progress callback
         job_id = producer.enqueue_rows(
             (row for row in rows),
             output=out,
             media_base=media,
-            redis_url=fake_cluster.redis_url,
+            redis_url=cluster.redis_url,
             max_pairs=4,
             temperature=0.5,
+            max_question_chars=40,
+            max_answer_chars=40,
         )
-        final = producer.wait(job_id, progress=seen.append, redis_url=fake_cluster.redis_url, timeout_s=120)
+        final = producer.wait(job_id, progress=seen.append, redis_url=cluster.redis_url, timeout_s=120)
 
     # Then every row lands once: four in the output, the two bad ones in the errors file
     assert final.finished and (final.state, final.written, final.failed) == ("done", 4, 2)
     assert final.failures == {"image_not_found": 1, "image_key_missing": 1}
     assert sorted(row["id"] for row in read_jsonl(out)) == [0, 1, 2, 3]
-    assert all(2 <= len(row["qa_pairs"]) <= 4 for row in read_jsonl(out))
+    assert all(3 <= len(row["qa_pairs"]) <= 4 for row in read_jsonl(out))
     errors = read_jsonl(tmp_path / "qa.errors.jsonl")
     assert sorted(e["row"]["id"] for e in errors) == [4, 5]
     # The callback saw the job's progress up to its end
     assert seen[-1].done == 6 and seen == sorted(seen, key=lambda st: st.done)
     # And sending the same rows again continues the same job: nothing is written twice
     again = producer.enqueue_rows(
-        rows, output=out, media_base=media, redis_url=fake_cluster.redis_url, max_pairs=4, temperature=0.5
+        rows,
+        output=out,
+        media_base=media,
+        redis_url=cluster.redis_url,
+        max_pairs=4,
+        temperature=0.5,
+        max_question_chars=40,
+        max_answer_chars=40,
     )
     assert again == job_id
-    st = job_status(redis_client(fake_cluster.redis_url), job_id)
+    st = job_status(redis_client(cluster.redis_url), job_id)
     assert st is not None and (st.skipped, st.total, st.done) == (6, 6, 6)
     assert len(read_jsonl(out)) == 4
 
@@ -87,6 +101,8 @@ def test_rows_from_a_generator_become_a_job_that_wait_follows_to_the_end(
 def test_an_unknown_generation_setting_names_the_closest_one(tmp_path: Path):
     with pytest.raises(ValueError, match="'max_pair' \\(did you mean 'max_pairs'\\?\\)"):
         producer.enqueue_rows([{"image": "a.jpg"}], output=tmp_path / "o.jsonl", max_pair=3)
+    with pytest.raises(TypeError, match="wrap one row in a list"):
+        producer.enqueue_rows({"image": "a.jpg"}, output=tmp_path / "o.jsonl")
 
 
 def test_rows_lost_in_transit_are_sent_again_from_the_rows_kept_with_the_job(redis_url: str, tmp_path: Path):
