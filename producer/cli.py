@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import json
 import logging
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +28,7 @@ from producer.jobs import JobRecord, JobStatus, job_status, list_jobs
 from producer.quarantine import QuarantineEntry, list_quarantined, quarantined_total
 from producer.retry import retry_job
 from producer.settings import ProducerSettings
+from producer.sources import is_url
 from producer.wait import wait_for_job
 
 app = typer.Typer(
@@ -285,6 +288,72 @@ SplitOption = Annotated[
 ]
 
 
+def load_job_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """``--config job.yaml``: the file's keys become the command's defaults (click's ``default_map``),
+    so options given on the command line win. A key is an option's flag without dashes (``output``,
+    ``format``, ``skip-check``; ``max-tokens`` or ``max_tokens``) or the input's name (``input``);
+    relative paths in the file resolve against its folder. An unknown key fails naming the closest."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise typer.BadParameter(f"cannot read {value}: {e}", param_hint="--config") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of option: value", param_hint="--config")
+    params = {p.name: p for p in ctx.command.params if p.name and p.name != param.name}
+    names: dict[str, str] = {}
+    for name, p in params.items():
+        spellings = {name, *(opt.lstrip("-") for opt in p.opts if opt.startswith("--"))}
+        if name.endswith("_path") and p.param_type_name == "argument":
+            spellings.add(name.removesuffix("_path"))
+        for spelling in spellings:
+            names[spelling] = names[spelling.replace("-", "_")] = names[spelling.replace("_", "-")] = name
+    defaults: dict[str, Any] = {}
+    for key, item in data.items():
+        found = names.get(str(key))
+        if found is None:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise typer.BadParameter(
+                f"{value}: unknown option {key!r} for imageqa {ctx.command.name}{hint}", param_hint="--config"
+            )
+        name = found
+        if _is_path(params[name]) and isinstance(item, str) and not is_url(item):
+            item = str(value.parent / Path(item).expanduser())
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+PATH_ARGUMENTS = frozenset({"input_path", "output"})
+"""Parameters that take a path or a URL (declared as ``str`` so that URLs stay as written)."""
+
+
+def _is_path(param: Any) -> bool:
+    """Whether a command's parameter takes a file path (declared as ``Path``, or in PATH_ARGUMENTS)."""
+    if param.name in PATH_ARGUMENTS:
+        return True
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Job file (YAML): any option of this command by its flag's name (and 'input'); "
+        "options on the command line win.",
+        is_eager=True,
+        callback=load_job_file,
+    ),
+]
+
+
 def fail(error: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {error}")
     return typer.Exit(2)
@@ -306,33 +375,42 @@ def enqueue(
     image_column: ImageColumnOption = None,
     split: SplitOption = None,
     no_meta: NoMetaOption = False,
+    config: ConfigOption = None,
     *,
     params: GenerationParams,
 ) -> None:
-    """Enqueue one task per input row for the workers; prints the job id."""
+    """Enqueue one task per input row for the workers; prints the job id first (stdout), then shows
+    the rows sent (stderr)."""
     settings = ProducerSettings()
     if image_column:
         settings = settings.model_copy(update={"image_key": image_column})
+
+    def announce(job: str) -> None:
+        typer.echo(job)
+        sys.stdout.flush()
+
     try:
-        summary = enqueue_file(
-            input_path,
-            output,
-            settings=settings,
-            params=params,
-            job_id=job_id,
-            input_format=input_format,
-            on_done_task=on_done_task,
-            on_done_queue=on_done_queue,
-            split=split,
-            meta=not no_meta,
-        )
+        with progress_bar("sending") as update:
+            summary = enqueue_file(
+                input_path,
+                output,
+                settings=settings,
+                params=params,
+                job_id=job_id,
+                input_format=input_format,
+                split=split,
+                meta=not no_meta,
+                on_progress=lambda rows: update(rows, 0),
+                on_done_task=on_done_task,
+                on_done_queue=on_done_queue,
+                on_job=announce,
+            )
     except ImageQAError as e:
         raise fail(e) from None
     console.print(
         f"{summary.rows} rows: {summary.enqueued} enqueued, {summary.rejected} rejected, "
         f"{summary.skipped} already done"
     )
-    typer.echo(summary.job_id)
 
 
 @app.command()

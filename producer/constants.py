@@ -179,6 +179,12 @@ def job_template_gate_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:template-gate"
 
 
+def job_rows_key(job_id: str) -> str:
+    """Hash: item id -> ``[row index, row]`` of a job enqueued from rows in memory (`enqueue_rows`),
+    kept so that its rows lost in transit can be sent again."""
+    return f"{PREFIX}:job:{job_id}:rows"
+
+
 def job_pass_key(job_id: str, token: str) -> str:
     """Prefix of one enqueue pass's scratch keys (the row digests it has seen), deleted when it ends."""
     return f"{PREFIX}:job:{job_id}:pass:{token}"

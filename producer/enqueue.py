@@ -29,7 +29,7 @@ from producer.contract import (
 from producer.errors import ErrorCode, InputError
 from producer.inputs import RawRow, RedisItemIds, read_rows, resolve_ref, row_images
 from producer.jobs import JobRecord
-from producer.outputs import plan_output
+from producer.outputs import OutputPlan, plan_output
 from producer.results import publish
 from producer.settings import ProducerSettings
 from producer.sources import Location, absolute, is_dir, location, parent
@@ -76,6 +76,7 @@ def enqueue_file(
     on_done_task: str | None = None,
     on_done_queue: str | None = None,
     meta: bool = True,
+    on_job: Callable[[str], None] | None = None,
 ) -> EnqueueSummary:
     """Enqueues every row of ``input_path`` as a job writing to ``output_path``: a ``.jsonl`` or
     ``.parquet`` path or URL (`producer.outputs`); ``meta=False`` leaves each row's ``qa_meta`` out.
@@ -86,6 +87,7 @@ def enqueue_file(
     relative image paths resolve against ``media_base`` (default: the input's folder or URL). ``split``
     picks a split of a ``save_to_disk`` folder or a hub dataset. When the job finishes, the
     Celery task ``on_done_task`` (if given) is sent to ``on_done_queue`` with the job's figures.
+    ``on_job`` receives the job id once the job is registered, before any row is sent.
     """
     check_redis(settings.redis_url)
     source = absolute(location(input_path))
@@ -95,21 +97,103 @@ def enqueue_file(
     base = absolute(media_base or (source if is_dir(source) else parent(source)))
     r = redis_client(settings.redis_url)
     job = JobRecord(r, job_id)
+    _register(job, plan, settings, params, str(source), on_done_task, on_done_queue)
+    job.record_source(
+        input_format=input_format, media_base=str(base), image_key=settings.image_key, split=split
+    )
+    if on_job:
+        on_job(job_id)
+    return _send_job(r, job, rows, settings, params, base, plan, on_progress)
+
+
+def default_rows_job_id(output_path: Path | str, params: GenerationParams, *, meta: bool = True) -> str:
+    """Rows given in memory: the same output and the same settings give the same job, so sending the
+    same rows again resumes it (rows already written are skipped)."""
+    key = f"rows|{absolute(location(output_path))}|{params.fingerprint()}" + ("" if meta else "|no-meta")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def enqueue_iter(
+    rows: Iterable[Any],
+    output_path: Path | str,
+    *,
+    settings: ProducerSettings,
+    params: GenerationParams,
+    errors_path: Path | None = None,
+    job_id: str | None = None,
+    media_base: Location | None = None,
+    keep_rows: bool = True,
+    meta: bool = True,
+    on_progress: Callable[[int], None] | None = None,
+    on_done_task: str | None = None,
+    on_done_queue: str | None = None,
+) -> EnqueueSummary:
+    """Enqueues rows given in memory (dicts shaped as input-file rows) as a job, as `enqueue_file`
+    does for a file; relative image paths resolve against ``media_base`` (default: the working
+    folder). With ``keep_rows`` the rows sent are kept in Redis with the job (`JobRecord.keep_rows`),
+    so that rows lost in transit can be sent again (`producer.resend`) with nobody holding them."""
+    check_redis(settings.redis_url)
+    plan = plan_output(output_path, meta=meta, errors_path=errors_path)
+    job_id = job_id or default_rows_job_id(output_path, params, meta=meta)
+    base = absolute(location(media_base) if media_base else Path.cwd())
+    r = redis_client(settings.redis_url)
+    job = JobRecord(r, job_id)
+    _register(job, plan, settings, params, "", on_done_task, on_done_queue)
+    job.record_source(
+        input_format=None, media_base=str(base), image_key=settings.image_key, kept_rows=keep_rows
+    )
+    raw_rows = (_raw_row(index, row) for index, row in enumerate(rows))
+    return _send_job(r, job, raw_rows, settings, params, base, plan, on_progress, keep_rows)
+
+
+def _register(
+    job: JobRecord,
+    plan: OutputPlan,
+    settings: ProducerSettings,
+    params: GenerationParams,
+    input_path: str,
+    on_done_task: str | None,
+    on_done_queue: str | None,
+) -> None:
     job.register(
         output_path=plan.journal_path,
         errors_path=plan.errors_path,
         output_key=settings.output_key,
-        input_path=str(source),
+        input_path=input_path,
         params_json=params.model_dump_json(),
         on_done_task=on_done_task,
         on_done_queue=on_done_queue,
         final_output=plan.final_output,
         final_errors=plan.final_errors,
-        meta=meta,
+        meta=plan.meta,
     )
-    job.record_source(
-        input_format=input_format, media_base=str(base), image_key=settings.image_key, split=split
-    )
+
+
+def _raw_row(index: int, row: Any) -> RawRow:
+    """A row given in memory, or its error when it is not JSON (its item id needs its JSON)."""
+    try:
+        canonical_json(row)
+    except TypeError as e:
+        return RawRow(
+            index, repr(row)[:1000], InputError(f"row {index} is not JSON: {e}", code=ErrorCode.ROW_MALFORMED)
+        )
+    return RawRow(index, row)
+
+
+def _send_job(
+    r: redis.Redis,
+    job: JobRecord,
+    rows: Iterable[RawRow],
+    settings: ProducerSettings,
+    params: GenerationParams,
+    base: Location,
+    plan: OutputPlan,
+    on_progress: Callable[[int], None] | None,
+    keep_rows: bool = False,
+) -> EnqueueSummary:
+    """One enqueue pass over a registered job's rows: item ids, one task per row not yet written,
+    an error row per row that cannot become a task, backpressure; closes the enqueue at the end."""
+    job_id = job.job_id
     app = celery_app(settings.broker, settings.visibility_timeout_s, name="imageqa-producer")
     ids = RedisItemIds(params.fingerprint(), r, job.pass_scratch_key())
     counts = {"rows": 0, "enqueued": 0, "rejected": 0, "skipped": 0}
@@ -123,6 +207,15 @@ def enqueue_file(
                 job.done_flags(pipe, item_ids)
                 _, done_flags = pipe.execute()
                 pipe = r.pipeline()
+                if keep_rows:
+                    job.keep_rows(
+                        pipe,
+                        {
+                            item_id: (raw.index, raw.row)
+                            for (raw, item_id), d in zip(items, done_flags, strict=True)
+                            if not d
+                        },
+                    )
                 # One Redis round trip for the batch's messages (Kombu's publish batch), not one each.
                 with producer.batch(max_size=len(items) + 1):
                     for (raw, item_id), done in zip(items, done_flags, strict=True):

@@ -288,13 +288,20 @@ class RedisItemIds(ItemIds):
         self._ttl_s = ttl_s
 
     def _repeat_numbers(self, digests: list[bytes]) -> list[int]:
+        # One pass owns its keys (a fresh prefix each), so reading, then adding, in one round trip is
+        # exact: three commands per batch, not one per row.
         pipe = self._r.pipeline(transaction=False)
-        for digest in digests:  # in input order, so a repeat within the batch is seen as one
-            pipe.sadd(self._seen_key, digest)
+        pipe.smismember(self._seen_key, digests)
+        pipe.sadd(self._seen_key, *digests)
         pipe.expire(self._seen_key, self._ttl_s)
-        added = pipe.execute()[:-1]
+        seen_before = pipe.execute()[0]
         numbers = [0] * len(digests)
-        repeats = [i for i, new in enumerate(added) if not new]
+        in_batch: set[bytes] = set()
+        repeats = []
+        for i, (digest, seen) in enumerate(zip(digests, seen_before, strict=True)):
+            if seen or digest in in_batch:  # in input order, so a repeat within the batch is seen as one
+                repeats.append(i)
+            in_batch.add(digest)
         if repeats:
             pipe = self._r.pipeline(transaction=False)
             for i in repeats:

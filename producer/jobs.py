@@ -11,7 +11,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,9 @@ class JobConfig:
 class JobSource:
     """How to read a job's input again: what re-sending lost rows and retrying failed ones need."""
 
-    input_path: str | Path
-    """A local path, or a URL (`producer.sources.location`)."""
+    input_path: str | Path | None
+    """A local path, or a URL (`producer.sources.location`); None for rows an application gave in
+    memory (`producer.enqueue_rows`)."""
     input_format: str | None
     """Reader name (``jsonl``, ...); None: by the file's suffix."""
     media_base: str | Path
@@ -165,6 +166,8 @@ class JobSource:
     params: GenerationParams
     split: str | None = None
     """The split of a ``save_to_disk`` folder or hub dataset that was read."""
+    kept_rows: bool = False
+    """Rows given in memory are kept in Redis with the job (`JobRecord.keep_rows`)."""
 
 
 SendTask = Callable[[str, str, dict[str, object]], None]
@@ -237,10 +240,24 @@ class JobRecord:
         pipe.execute()
 
     def record_source(
-        self, *, input_format: str | None, media_base: str, image_key: str, split: str | None = None
+        self,
+        *,
+        input_format: str | None,
+        media_base: str,
+        image_key: str,
+        split: str | None = None,
+        kept_rows: bool | None = None,
     ) -> None:
-        """Records how the input was read (see `source`), beside the input path `register` recorded."""
-        source = {"format": input_format, "media_base": media_base, "image_key": image_key, "split": split}
+        """Records how the input was read (see `source`), beside the input path `register` recorded.
+        ``kept_rows``: the rows were given in memory (no input path), kept in Redis or not."""
+        source: dict[str, Any] = {
+            "format": input_format,
+            "media_base": media_base,
+            "image_key": image_key,
+            "split": split,
+        }
+        if kept_rows is not None:
+            source["kept_rows"] = kept_rows
         self.r.hset(self.key, constants.JOB_SOURCE, orjson.dumps(source))
 
     def source(self) -> JobSource | None:
@@ -253,18 +270,47 @@ class JobRecord:
         input_path, params, source = raw
         if input_path is None or params is None:
             return None
-        path = location(input_path.decode())
         fields = orjson.loads(source) if source else {}
+        path = None if "kept_rows" in fields else location(input_path.decode())
         base = fields.get("media_base")
-        folder = path if isinstance(path, str) or path.is_dir() else path.parent
+        if base:
+            folder: str | Path = location(base)
+        elif path is None:
+            folder = Path.cwd()
+        else:
+            folder = path if isinstance(path, str) or path.is_dir() else path.parent
         return JobSource(
             input_path=path,
             input_format=fields.get("format"),
-            media_base=location(base) if base else folder,
+            media_base=folder,
             image_key=fields.get("image_key") or "image",
             params=GenerationParams.model_validate_json(params),
             split=fields.get("split"),
+            kept_rows=bool(fields.get("kept_rows")),
         )
+
+    def keep_rows(self, pipe: redis.client.Pipeline, rows: Mapping[str, tuple[int, Any]]) -> None:
+        """Adds to ``pipe``: keep ``rows`` (item id -> (row index, row)) of a job given in memory."""
+        if rows:
+            pipe.hset(
+                constants.job_rows_key(self.job_id),
+                mapping={item_id: orjson.dumps(list(row)) for item_id, row in rows.items()},
+            )
+
+    def kept_rows(self, count: int = 500) -> Iterator[list[tuple[str, int, Any]]]:
+        """The kept rows (see `keep_rows`), in batches of about ``count``: (item id, row index, row)."""
+        cursor = 0
+        while True:
+            reply: Any = self.r.hscan(constants.job_rows_key(self.job_id), cursor, count=count)
+            cursor, found = reply
+            batch = []
+            for item_id, value in found.items():
+                index, row = orjson.loads(value)
+                batch.append((item_id.decode(), int(index), row))
+            if batch:
+                yield batch
+            if cursor == 0:
+                return
 
     def count_resent(self, rows: int) -> None:
         """Counts ``rows`` more rows sent again after they were lost in transit."""
@@ -347,6 +393,7 @@ class JobRecord:
             constants.job_questions_key(self.job_id),
             constants.job_templates_key(self.job_id),
             constants.job_template_gate_key(self.job_id),
+            constants.job_rows_key(self.job_id),
         )
 
     def lost_in_transit(self, status: JobStatus, broker: Celery | str | None = None) -> bool:
@@ -410,6 +457,17 @@ class JobRecord:
         """Adds to ``pipe``: read the collector's write marker (a dict, empty if there is none)."""
         pipe.hgetall(constants.job_writing_key(self.job_id))
 
+    def begin_write(self, pipe: redis.client.Pipeline, marker: Mapping[FieldT, EncodableT]) -> None:
+        """Adds to ``pipe``: set the collector's write marker to ``marker`` (its ``output_path``,
+        ``output_size``, ``errors_path`` and ``errors_size`` the files as they are now) unless the
+        current marker records those files smaller than they are, or other files: then the reply is
+        the current marker (a flat list, as HGETALL's), untouched, for the caller to undo what Redis
+        no longer records before it sets the marker; else the reply is None. One command where a read
+        and a write would take two round trips."""
+        head = [marker[name] for name in ("output_path", "output_size", "errors_path", "errors_size")]
+        rest = [value for pair in marker.items() for value in pair]
+        pipe.eval(_BEGIN_WRITE, 1, constants.job_writing_key(self.job_id), *head, *rest)
+
     def clear_write_marker(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Deletes the write marker, or adds that to ``pipe``."""
         (pipe if pipe is not None else self.r).delete(constants.job_writing_key(self.job_id))
@@ -450,19 +508,29 @@ class JobRecord:
         """Adds to ``pipe``: the retries of ``item_ids`` are written."""
         pipe.srem(constants.job_retrying_key(self.job_id), *item_ids)
 
-    def finish_if_complete(self, send_task: SendTask | None = None) -> bool:
+    def read_completion(self, pipe: redis.client.Pipeline) -> None:
+        """Adds to ``pipe`` the three reads `finish_if_complete` judges by (so that the collector makes
+        them part of its commit instead of another round trip)."""
+        pipe.hmget(self.key, [constants.JOB_ENQUEUE_COMPLETE, constants.JOB_DECLARED_TOTAL])
+        pipe.scard(constants.job_items_key(self.job_id))
+        pipe.scard(constants.job_done_key(self.job_id))
+
+    def finish_if_complete(
+        self, send_task: SendTask | None = None, completion: Sequence[Any] | None = None
+    ) -> bool:
         """Marks the job done when enqueueing is over and every item is written (as many as the
         declared total, if there is one: `declare_total`); True if it is done.
 
         Called by the collector after each batch and by the producer after enqueueing; idempotent.
         When the job finishes it announces it on its pub/sub channel and, if the enqueuer named one,
-        sends the Celery task ``on_done_task`` with the job's figures.
+        sends the Celery task ``on_done_task`` with the job's figures. ``completion``: the replies of
+        `read_completion`, if the caller read them already.
         """
-        pipe = self.r.pipeline()
-        pipe.hmget(self.key, [constants.JOB_ENQUEUE_COMPLETE, constants.JOB_DECLARED_TOTAL])
-        pipe.scard(constants.job_items_key(self.job_id))
-        pipe.scard(constants.job_done_key(self.job_id))
-        (complete, declared), total, done = pipe.execute()
+        if completion is None:
+            pipe = self.r.pipeline()
+            self.read_completion(pipe)
+            completion = pipe.execute()
+        (complete, declared), total, done = completion
         if complete != b"1" or done < max(total, int(declared or 0)):
             return False
         keys = [self.key, constants.PUBLISH_PENDING]
@@ -568,6 +636,24 @@ def pending_publications(r: redis.Redis) -> list[str]:
     """The jobs that are complete but whose final output is not written yet."""
     ids: set[bytes] = r.smembers(constants.PUBLISH_PENDING)  # type: ignore[assignment]
     return sorted(job_id.decode() for job_id in ids)
+
+
+_BEGIN_WRITE = """
+local m = redis.call('HMGET', KEYS[1], 'output_path', 'output_size', 'errors_path', 'errors_size')
+for i = 0, 1 do
+  local path, size = m[1 + 2 * i], m[2 + 2 * i]
+  if path and size and tonumber(size) >= 0 then
+    if path ~= ARGV[1 + 2 * i] or tonumber(ARGV[2 + 2 * i]) > tonumber(size) then
+      return redis.call('HGETALL', KEYS[1])
+    end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+return false
+"""
+"""Lua for `JobRecord.begin_write`: KEYS the write marker; ARGV the output path and size, the errors
+path and size, then the new marker's field, value pairs. Sent with EVAL (Redis keeps it compiled):
+EVALSHA in a pipeline would cost a SCRIPT EXISTS round trip per pipeline."""
 
 
 def job_file_stem(job_id: str) -> str:

@@ -1,7 +1,8 @@
 """Sending a job's rows again from its recorded input: the rows lost in transit (a stalled job, see
 `workers.stall`) and the failed rows a retry takes back (`producer.retry`).
 
-Both read what `enqueue_file` recorded about the job (`JobRecord.source`); a job the collector
+Both read what `enqueue_file` recorded about the job (`JobRecord.source`), or, for rows an
+application gave in memory (`producer.enqueue_rows`), the rows kept with the job; a job the collector
 adopted (tasks sent by another application) has no recorded input, and its rows cannot be re-sent
 from here: the application that sent them must send them again.
 """
@@ -83,12 +84,13 @@ def resend_missing(app: Celery, r: redis.Redis, job_id: str, stop: threading.Eve
     """
     job = JobRecord(r, job_id)
     source = job_source(job)
+    if source.input_path is None:
+        return _resend_kept(app, r, job, source, stop)
+    input_path = source.input_path
     ids = RedisItemIds(source.params.fingerprint(), r, job.pass_scratch_key())
 
     def missing() -> Iterator[tuple[RawRow, str]]:
-        rows = read_rows(
-            source.input_path, source.input_format, split=source.split, image_key=source.image_key
-        )
+        rows = read_rows(input_path, source.input_format, split=source.split, image_key=source.image_key)
         for batch in _batches(rows, BATCH_ROWS):
             if stop is not None and stop.is_set():
                 return
@@ -107,6 +109,34 @@ def resend_missing(app: Celery, r: redis.Redis, job_id: str, stop: threading.Eve
     finally:
         with suppress(redis.RedisError):
             ids.close()
+    if sent:
+        job.count_resent(sent)
+    return sent
+
+
+def _resend_kept(
+    app: Celery, r: redis.Redis, job: JobRecord, source: JobSource, stop: threading.Event | None
+) -> int:
+    """`resend_missing` for a job enqueued from rows in memory: from the rows kept with it."""
+    if not source.kept_rows:
+        raise ImageQAError(
+            f"job {job.job_id} was enqueued from rows in memory that were not kept (keep_rows=False): "
+            "its missing rows can only be sent again by its application (enqueue_rows with the same "
+            "rows and job id sends exactly the rows not yet written)"
+        )
+
+    def missing() -> Iterator[tuple[RawRow, str]]:
+        for batch in job.kept_rows(BATCH_ROWS):
+            if stop is not None and stop.is_set():
+                return
+            pipe = r.pipeline(transaction=False)
+            job.done_flags(pipe, [item_id for item_id, _, _ in batch])
+            (done,) = pipe.execute()
+            for (item_id, index, row), written in zip(batch, done, strict=True):
+                if not written:
+                    yield RawRow(index, row), item_id
+
+    sent = send_rows(app, r, job, source, missing())
     if sent:
         job.count_resent(sent)
     return sent

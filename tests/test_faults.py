@@ -567,7 +567,7 @@ def _cli_enqueue(env: dict[str, str], source: Path, output: Path) -> str:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.split()[-1]  # the job id, printed last
+    return done.stdout.split()[0]  # the job id, printed first
 
 
 def _children(pid: int) -> list[int]:

@@ -15,6 +15,7 @@ from producer.cli import (
     INPUT_HELP,
     OUTPUT_HELP,
     AnswerCharsOption,
+    ConfigOption,
     ImageColumnOption,
     MinAnswerCharsOption,
     MinQuestionCharsOption,
@@ -142,6 +143,7 @@ def run(
         Path | None, typer.Option("--report", help="Also write the job's HTML quality report here.")
     ] = None,
     no_meta: NoMetaOption = False,
+    config: ConfigOption = None,
     *,
     params: GenerationParams,
 ) -> None:

@@ -3,11 +3,13 @@
 Reads the results stream with a consumer group and, per batch:
 
 1. drops item ids the job has already written (the job's done set);
-2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write;
+2. records, per job, a *write marker* in Redis: the output and errors file sizes before the write
+   (1 and 2 in one round trip: `JobRecord.begin_write` sets the marker only if the old one shows
+   nothing to undo);
 3. appends the lines and fsyncs;
 4. in one MULTI: adds the items to the done set, bumps the counters, sets the markers to the new
    file sizes (marked committed), records a declared job size (``job_total``), quarantines entries it
-   cannot decode, acks.
+   cannot decode, acks, and reads what tells whether each job is complete.
 
 A collector killed anywhere in between restarts (same consumer name), finds its markers, truncates
 the files back to the recorded sizes (removing a torn or an unrecorded line) and handles its pending
@@ -96,7 +98,9 @@ class Collector:
             try:
                 self.start()
                 while not stop.is_set():
-                    self.step(block_ms=self.settings.block_ms)
+                    read = self.step(block_ms=self.settings.block_ms)
+                    if 0 < read < self.settings.batch_size and self.settings.linger_ms:
+                        stop.wait(self.settings.linger_ms / 1000)
                     if self._redis_lost_writes:  # the lost batch's entries may be pending with us
                         self._redis_lost_writes = False
                         self.start()
@@ -294,21 +298,20 @@ class Collector:
             batch.records.setdefault(record.item_id, record)
             if record.job_total and not batch.config.registered:
                 batch.declared_total = batch.declared_total or record.job_total
-        self._select_fresh(batches)
+        retrying = self._prepare(batches)
         writing = {job_id: b for job_id, b in batches.items() if b.ok or b.failed}
-        self._mark(writing)
-        self._drop_retried(writing)
+        self._drop_retried(writing, retrying)
         for batch in writing.values():
             _append(Path(batch.config.output_path), batch.ok)
             _append(Path(batch.config.errors_path), [orjson.dumps(error_row(rec)) for rec in batch.failed])
-        self._commit(writing, [entry_id for entry_id, _ in entries], batches, undecodable)
+        completions = self._commit(writing, [entry_id for entry_id, _ in entries], batches, undecodable)
         for batch in writing.values():
             self.rows_written += len(batch.ok)
             self.rows_failed += len(batch.failed)
             metrics.COLLECTOR_ROWS.labels("output").inc(len(batch.ok))
             metrics.COLLECTOR_ROWS.labels("errors").inc(len(batch.failed))
-        for job_id, batch in batches.items():
-            if batch.job.finish_if_complete(self._send_task):
+        for (job_id, batch), completion in zip(batches.items(), completions, strict=True):
+            if batch.job.finish_if_complete(self._send_task, completion):
                 self._configs.pop(job_id, None)
                 if job_id in writing:
                     batch.job.clear_write_marker()
@@ -325,44 +328,54 @@ class Collector:
                 )
             return self._celery
 
-    def _select_fresh(self, batches: dict[str, _JobBatch]) -> None:
+    def _prepare(self, batches: dict[str, _JobBatch]) -> dict[str, list[str]]:
+        """One round trip before the write: drops the items each job has written already (its done
+        set), finds those a retry took back, and sets each job's write marker to the files' sizes
+        now (`JobRecord.begin_write`). Where the marker shows that Redis lost the record of written
+        lines, undoes them first (see `_undo_unrecorded`) and then sets it. Returns, per job, the
+        fresh items a retry took back."""
+        if not batches:
+            return {}
         pipe = self.r.pipeline(transaction=False)
         for batch in batches.values():
             batch.job.done_flags(pipe, batch.records)
-        for batch, done in zip(batches.values(), pipe.execute(), strict=True):
+            batch.job.retrying_flags(pipe, batch.records)
+            batch.job.begin_write(pipe, self._marker(batch.config, "writing"))
+        replies = iter(pipe.execute())
+        retrying: dict[str, list[str]] = {}
+        lost: list[_JobBatch] = []
+        now = time.time()
+        for job_id, batch in batches.items():
+            done, taken_back, current = next(replies), next(replies), next(replies)
             output_key = batch.config.output_key
-            for record, is_done in zip(batch.records.values(), done, strict=True):
+            fresh: dict[str, ResultRecord] = {}
+            for (item_id, record), is_done, retried_flag in zip(
+                batch.records.items(), done, taken_back, strict=True
+            ):
                 if is_done:
                     continue
+                fresh[item_id] = record
+                if retried_flag:
+                    retrying.setdefault(job_id, []).append(item_id)
                 if record.ok:
                     # The journal always keeps the provenance (and so the row index): outputs
                     # without it, and ordered ones, are made from it when the job completes.
                     batch.ok.append(orjson.dumps(output_row(record, output_key, meta=True)))
                 else:
                     batch.failed.append(record)
-            batch.records = {
-                rid: rec for (rid, rec), d in zip(batch.records.items(), done, strict=True) if not d
-            }
-
-    def _mark(self, writing: dict[str, _JobBatch]) -> None:
-        """Undoes what a Redis that lost its last writes no longer records, then sets the markers."""
-        if not writing:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for batch in writing.values():
-            batch.job.read_write_marker(pipe)
-        now = time.time()
-        for batch, raw in zip(writing.values(), pipe.execute(), strict=True):
-            marker = {key.decode(): value.decode() for key, value in raw.items()}
-            if marker and self._undo_unrecorded(marker, now):
-                log.warning(
-                    "job %s: Redis lost the record of written rows; writing them again", batch.job.job_id
-                )
-                self._redis_lost_writes = True
-        pipe = self.r.pipeline(transaction=False)
-        for batch in writing.values():
-            batch.job.mark_writing(pipe, self._marker(batch.config, "writing"))
-        pipe.execute()
+            batch.records = fresh
+            if current is not None:
+                marker = dict(zip(*[iter(value.decode() for value in current)] * 2, strict=True))
+                if self._undo_unrecorded(marker, now):
+                    log.warning("job %s: Redis lost the record of written rows; writing them again", job_id)
+                    self._redis_lost_writes = True
+                lost.append(batch)
+        if lost:
+            pipe = self.r.pipeline(transaction=False)
+            for batch in lost:
+                batch.job.mark_writing(pipe, self._marker(batch.config, "writing"))
+            pipe.execute()
+        return retrying
 
     def _commit(
         self,
@@ -370,9 +383,10 @@ class Collector:
         entry_ids: list[bytes],
         batches: dict[str, _JobBatch],
         undecodable: list[tuple[bytes, dict[bytes, bytes], ContractError]],
-    ) -> None:
+    ) -> list[list[Any]]:
         """In one MULTI: the rows written are recorded, their markers set to the new file sizes,
-        declared job totals and undecodable entries kept (`quarantine_entry`), and the entries acked."""
+        declared job totals and undecodable entries kept (`quarantine_entry`), and the entries acked.
+        Returns, per job of ``batches``, the replies of `JobRecord.read_completion` read in it."""
         pipe = self.r.pipeline(transaction=True)
         for batch in writing.values():
             batch.job.record_results(pipe, batch.records.values(), new_items=not batch.config.registered)
@@ -385,14 +399,17 @@ class Collector:
         for entry_id, fields, error in undecodable:
             quarantine_entry(pipe, entry_id, fields, error, self.settings.consumer)
         pipe.xack(RESULTS_STREAM, COLLECTOR_GROUP, *entry_ids)
-        pipe.execute()
+        for batch in batches.values():
+            batch.job.read_completion(pipe)
+        replies = pipe.execute()
+        reads = replies[len(replies) - 3 * len(batches) :]
+        return [reads[i : i + 3] for i in range(0, len(reads), 3)]
 
-    def _drop_retried(self, writing: dict[str, _JobBatch]) -> None:
+    def _drop_retried(self, writing: dict[str, _JobBatch], retrying: dict[str, list[str]]) -> None:
         """Removes the old errors-file lines of retried rows, then records the rewritten file's size in
         the write marker before anything is appended (see `workers.retried`)."""
-        batches = list(writing.values())
-        found = retried.retried_items(self.r, [(b.job, list(b.records)) for b in batches])
-        for batch, items in zip(batches, found, strict=True):
+        for job_id, batch in writing.items():
+            items = retrying.get(job_id)
             if items:
                 batch.retried = items
                 size = retried.drop_lines(Path(batch.config.errors_path), items)

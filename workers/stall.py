@@ -30,6 +30,7 @@ import redis
 from celery import Celery
 
 from producer import jobs
+from producer.errors import ImageQAError
 from producer.jobs import JobRecord, job_status, nothing_in_flight
 from producer.resend import resend_missing
 
@@ -122,6 +123,9 @@ class StallWatch:
                 return
             sent = resend_missing(self.celery(), self.r, job_id, self.stop)
             log.warning("job %s: %d rows sent again", job_id, sent)
+        except ImageQAError as e:  # no input to send them from: say why, without a traceback
+            self._failed_at[job_id] = time.monotonic()
+            log.warning("job %s: rows missing, and %s", job_id, e.message)
         except Exception:
             self._failed_at[job_id] = time.monotonic()
             log.exception(
