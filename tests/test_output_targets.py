@@ -4,15 +4,8 @@ order, written once even when the collector is killed before or after."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -21,17 +14,16 @@ import pytest
 
 from producer.broker import redis_client
 from producer.constants import JOB_FINISHED_AT
-from producer.contract import GenerationParams
+from producer.contract import PROMPT_VERSION, GenerationParams
 from producer.enqueue import enqueue_file
 from producer.jobs import JobRecord, job_status
 from producer.settings import ProducerSettings
-from tests.conftest import Cluster
+from tests.conftest import Cluster, ObjectStore
 from tests.helpers import CollectorThread, make_images, read_jsonl, run_cli, wait_done, write_jsonl
 from workers.collector import Collector
 from workers.settings import CollectorSettings
 
 PARAMS = GenerationParams(max_question_chars=40, max_answer_chars=40)
-MOTO_PORT = int(os.environ.get("IMAGEQA_TEST_MOTO_PORT", "5401"))
 
 
 @pytest.fixture(params=["fake", pytest.param("engine", marks=pytest.mark.engine)])
@@ -39,44 +31,10 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
     return request.getfixturevalue(f"{request.param}_cluster")
 
 
-def _dies_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1, with the variables boto-based clients (s3fs) read."""
-    endpoint = f"http://127.0.0.1:{MOTO_PORT}"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_dies_with_parent,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise AssertionError("moto server did not start") from None
-            time.sleep(0.2)
-    patch = pytest.MonkeyPatch()
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        patch.setenv(name, value)
-    try:
-        yield endpoint
-    finally:
-        patch.undo()
-        proc.terminate()
-        proc.wait(10)
+@pytest.fixture
+def s3_server(object_store: ObjectStore) -> str:
+    """The session's S3 server (`tests.conftest.object_store`); the AWS variables point at it."""
+    return object_store.endpoint_url
 
 
 @pytest.fixture
@@ -120,7 +78,7 @@ def test_a_parquet_output_is_written_in_input_order_when_the_job_completes(clust
         assert 3 <= len(row) <= 5 and all(p["question"] and p["answer"] for p in row)
         assert (
             meta["model"] == cluster.model
-            and meta["prompt_name"] == "qa-v2"
+            and meta["prompt_name"] == PROMPT_VERSION
             and meta["qa_stats"]["tries"] >= 1
         )
     errors = read_jsonl(tmp_path / "out.errors.jsonl")

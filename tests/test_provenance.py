@@ -15,7 +15,7 @@ import pytest
 
 from producer.broker import redis_client
 from producer.constants import job_items_key
-from producer.contract import GenerationParams
+from producer.contract import PROMPT_VERSION, GenerationParams
 from producer.enqueue import enqueue_file
 from producer.settings import ProducerSettings
 from tests.conftest import Cluster
@@ -98,7 +98,7 @@ def test_the_default_prompt_is_named_and_shared_by_rows_of_one_image(fake_cluste
         )
         wait_done(fake_cluster.redis_url, summary.job_id)
     metas = [row["qa_meta"] for row in read_jsonl(tmp_path / "out.jsonl")]
-    assert {m["prompt_name"] for m in metas} == {"qa-v2"}
+    assert {m["prompt_name"] for m in metas} == {PROMPT_VERSION}
     assert len({m["prompt_hash"] for m in metas}) == 1
     assert sorted(m["row_index"] for m in metas) == [0, 1, 2]
 
@@ -117,7 +117,7 @@ def test_the_operator_keeps_its_row_shape_and_adds_meta_only_when_asked(tmp_path
     ]
     for row in with_meta[:2]:
         assert row["qa_meta"]["row_index"] == row["n"]
-        assert row["qa_meta"]["model"] == "fake" and row["qa_meta"]["prompt_name"] == "qa-v2"
+        assert row["qa_meta"]["model"] == "fake" and row["qa_meta"]["prompt_name"] == PROMPT_VERSION
         assert row["qa_meta"]["qa_stats"]["tries"] == 1
     assert with_meta[2]["qa_error"]["code"] == "image_not_found"
 
