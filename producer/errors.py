@@ -39,6 +39,8 @@ class ErrorCode(str, enum.Enum):
     DATAFLOW_INVALID = "dataflow_invalid"
     STORAGE_ERROR = "storage_error"
     CLUSTER_ERROR = "cluster_error"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    ENGINE_ARGS_INVALID = "engine_args_invalid"
     INTERNAL_ERROR = "internal_error"
 
     # Explicit, so that str(), f-strings and %-formatting give the value on every Python version.
@@ -57,7 +59,7 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.IMAGE_KEY_MISSING: "the row has no image field",
     ErrorCode.IMAGE_LIST_EMPTY: "the row's image field is an empty list",
     ErrorCode.IMAGE_REF_INVALID: "an image reference is not a non-empty string of a supported kind",
-    ErrorCode.TOO_MANY_IMAGES: "the row has more images than one prompt takes",
+    ErrorCode.TOO_MANY_IMAGES: "the row has more images than one prompt takes (16, or the worker's limit)",
     ErrorCode.IMAGE_NOT_FOUND: "the image file is missing",
     ErrorCode.IMAGE_UNREADABLE: "the image is not a decodable image",
     ErrorCode.IMAGE_TOO_LARGE: "the image is over the byte or pixel limits",
@@ -77,6 +79,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.DATAFLOW_INVALID: "the DataFlow operator API was used wrongly",
     ErrorCode.STORAGE_ERROR: "a DataFlow step file cannot be read or written",
     ErrorCode.CLUSTER_ERROR: "a DataFlow cluster job cannot finish",
+    ErrorCode.MODEL_UNAVAILABLE: "the model cannot be loaded: no checkpoint there, or not cached and no hub",
+    ErrorCode.ENGINE_ARGS_INVALID: "an engine argument is unknown to vLLM, malformed or of the wrong type",
     ErrorCode.INTERNAL_ERROR: "an unexpected failure (a bug)",
 }
 """One line per code: what it means."""
@@ -171,3 +175,16 @@ class ClusterServingError(ImageQAError):
     """Raised when a cluster job cannot finish: Redis is gone, the wait timed out, results are missing."""
 
     code = ErrorCode.CLUSTER_ERROR
+
+
+class ModelUnavailable(ImageQAError):
+    """Raised before the engine starts when its model cannot be loaded: a folder that holds no model,
+    or a hub id that is neither in the local cache nor reachable."""
+
+    code = ErrorCode.MODEL_UNAVAILABLE
+
+
+class EngineArgsError(ImageQAError, ValueError):
+    """Raised when an engine argument is unknown to vLLM, not valid JSON, or of the wrong type."""
+
+    code = ErrorCode.ENGINE_ARGS_INVALID

@@ -5,6 +5,7 @@ The engine is built once when the worker starts (``worker_init``) and shut down 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -98,12 +99,13 @@ def _on_worker_init(**_: Any) -> None:
     settings = worker_settings()
     log.info("starting %s engine for %s", settings.engine.kind, settings.engine.model)
     try:
-        start_engine(settings)
+        rt = start_engine(settings)
     except Exception:
         log.exception("engine failed to start")
         sys.stdout.flush()
         os._exit(3)
-    log.info("engine ready")
+    describe = getattr(rt.engine, "describe", None)  # the vLLM engine's settings as vLLM resolved them
+    log.info("engine ready%s", f": {json.dumps(describe(), default=str)}" if callable(describe) else "")
     from workers import metrics
 
     metrics.serve(settings.metrics_port, settings.metrics_address)

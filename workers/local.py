@@ -26,6 +26,9 @@ from producer.jobs import JobRecord
 from workers.collector import Collector
 from workers.settings import RunSettings, child_environ
 
+EXIT_REFUSED = 2
+"""Exit status of a worker that refuses to start over its settings (`workers.cli.fail_line`)."""
+
 
 class LocalCluster:
     """Redis, a worker process and a collector thread with ``settings``; the worker may read images
@@ -83,6 +86,14 @@ class LocalCluster:
     def worker_alive(self) -> bool:
         alive = self._worker is not None and self._worker.poll() is None
         return alive and self._collector is not None and self._collector.is_alive()
+
+    def worker_refusal(self) -> str | None:
+        """Why the worker refused to start (exit status 2 and an ``error:`` line: an engine argument
+        vLLM does not take, a model it cannot load), or None if it did not."""
+        if self._worker is None or self._worker.poll() != EXIT_REFUSED:
+            return None
+        lines = [line for line in self.worker_log_tail(5).splitlines() if line.startswith("error: ")]
+        return lines[-1].removeprefix("error: ") if lines else None
 
     def worker_log_tail(self, lines: int = 30) -> str:
         try:
