@@ -135,6 +135,11 @@ class VLLMSettings(_Settings):
     def _fold_engine_args(cls, data: Any) -> Any:
         if not isinstance(data, dict) or "engine_args" not in data:
             return data
+        return cls.fold(data)
+
+    @classmethod
+    def fold(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`fold_engine_args` for these settings; raises `EngineArgsError`."""
         return fold_engine_args(data, set(cls.model_fields) - {"engine_args", "max_images_per_prompt"})
 
 
