@@ -566,3 +566,24 @@ def test_run_settings_hand_the_engine_arguments_to_the_worker(monkeypatch):
     for name, value in environ(run.worker).items():
         monkeypatch.setenv(name, value)
     assert WorkerSettings().engine.vllm.engine_args == {"max_logprobs": 4}
+
+
+@pytest.mark.engine
+def test_run_says_in_one_line_why_the_engine_did_not_start(tiny_model, tmp_path):
+    # A context longer than the model's: vLLM refuses it while the engine starts, not before.
+    make_images(tmp_path / "imgs", 2)
+    done, _ = imageqa(
+        "run",
+        str(tmp_path / "imgs"),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--model",
+        str(tiny_model),
+        "--max-model-len",
+        "100000000",
+        IMAGEQA_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    assert done.returncode == 2
+    line = error_line(done)
+    assert line.startswith("error: the worker's engine failed to start: ")
+    assert "max_model_len" in line and "(worker log: " in line

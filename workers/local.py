@@ -88,12 +88,21 @@ class LocalCluster:
         return alive and self._collector is not None and self._collector.is_alive()
 
     def worker_refusal(self) -> str | None:
-        """Why the worker refused to start (exit status 2 and an ``error:`` line: an engine argument
-        vLLM does not take, a model it cannot load), or None if it did not."""
-        if self._worker is None or self._worker.poll() != EXIT_REFUSED:
-            return None
-        lines = [line for line in self.worker_log_tail(5).splitlines() if line.startswith("error: ")]
-        return lines[-1].removeprefix("error: ") if lines else None
+        """Why the worker stopped before serving, on one line: it refused its settings (exit status 2
+        and an ``error:`` line: an engine argument vLLM does not take, a model it cannot load), or its
+        engine failed to start (the exception, and where the log is); None if neither."""
+        from workers.app import ENGINE_FAILED, EXIT_ENGINE_FAILED
+
+        code = None if self._worker is None else self._worker.poll()
+        lines = self.worker_log_tail(5).splitlines()
+        if code == EXIT_REFUSED:
+            refused = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            return refused[-1] if refused else None
+        if code == EXIT_ENGINE_FAILED:
+            failed = [line.split(ENGINE_FAILED, 1)[1] for line in lines if ENGINE_FAILED in line]
+            if failed:
+                return f"the worker's {ENGINE_FAILED}{failed[-1]} (worker log: {self.worker_log})"
+        return None
 
     def worker_log_tail(self, lines: int = 30) -> str:
         try:
