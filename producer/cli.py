@@ -359,6 +359,14 @@ def fail(error: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
+def fail_line(error: Exception) -> typer.Exit:
+    """Like `fail`, on one line of stderr however long it is (for scripts and logs to read)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+    return typer.Exit(2)
+
+
 @app.command()
 @with_generation_options
 def enqueue(

@@ -42,6 +42,8 @@ class ErrorCode(str, enum.Enum):
     STORAGE_ERROR = "storage_error"
     CLUSTER_ERROR = "cluster_error"
     OUTPUT_FAILED = "output_failed"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    ENGINE_ARGS_INVALID = "engine_args_invalid"
     INTERNAL_ERROR = "internal_error"
 
     # Explicit, so that str(), f-strings and %-formatting give the value on every Python version.
@@ -60,7 +62,7 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.IMAGE_KEY_MISSING: "the row has no image field",
     ErrorCode.IMAGE_LIST_EMPTY: "the row's image field is an empty list",
     ErrorCode.IMAGE_REF_INVALID: "an image reference is not a non-empty string of a supported kind",
-    ErrorCode.TOO_MANY_IMAGES: "the row has more images than one prompt takes",
+    ErrorCode.TOO_MANY_IMAGES: "the row has more images than one prompt takes (16, or the worker's limit)",
     ErrorCode.IMAGE_NOT_FOUND: "the image file is missing",
     ErrorCode.IMAGE_UNREADABLE: "the image is not a decodable image",
     ErrorCode.IMAGE_TOO_LARGE: "the image is over the byte or pixel limits",
@@ -85,6 +87,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.STORAGE_ERROR: "a DataFlow step file cannot be read or written",
     ErrorCode.CLUSTER_ERROR: "a DataFlow cluster job cannot finish",
     ErrorCode.OUTPUT_FAILED: "a finished output cannot be read, converted, written or uploaded",
+    ErrorCode.MODEL_UNAVAILABLE: "the model cannot be loaded: no checkpoint there, or not cached and no hub",
+    ErrorCode.ENGINE_ARGS_INVALID: "an engine argument is unknown to vLLM, malformed or of the wrong type",
     ErrorCode.INTERNAL_ERROR: "an unexpected failure (a bug)",
 }
 """One line per code: what it means."""
@@ -187,3 +191,16 @@ class OutputError(ImageQAError):
     converted or written."""
 
     code = ErrorCode.OUTPUT_FAILED
+
+
+class ModelUnavailable(ImageQAError):
+    """Raised before the engine starts when its model cannot be loaded: a folder that holds no model,
+    or a hub id that is neither in the local cache nor reachable."""
+
+    code = ErrorCode.MODEL_UNAVAILABLE
+
+
+class EngineArgsError(ImageQAError, ValueError):
+    """Raised when an engine argument is unknown to vLLM, not valid JSON, or of the wrong type."""
+
+    code = ErrorCode.ENGINE_ARGS_INVALID

@@ -111,17 +111,18 @@ def wait_done(redis_url: str, job_id: str, timeout_s: float = 120.0, **wait: Any
 
 
 class WorkerProcess:
-    """A real ``imageqa worker`` (Celery, threads pool) in a subprocess."""
+    """A real ``imageqa worker`` (Celery, threads pool) in a subprocess; ``args``: more options."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, "IMAGEQA_METRICS_PORT": "0", **env}
         self.log_path = log_path
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 300.0) -> WorkerProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "worker", "--loglevel", "INFO"],
+                [sys.executable, "-m", "workers.cli", "worker", "--loglevel", "INFO", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -166,6 +166,9 @@ def test_worker_reserves_gpus_scales_and_stops_gracefully(services):
     # themselves through locks on a shared volume instead (see the entry point tests below).
     assert device["count"] == "all"
     assert worker["deploy"]["replicas"] == "${WORKER_REPLICAS:-1}"  # one per GPU, kept across `up`
+    # GPUS_PER_WORKER sets both the engine's tensor-parallel size and the GPUs the entry point claims.
+    assert env_of(worker)["IMAGEQA_TENSOR_PARALLEL_SIZE"] == "${GPUS_PER_WORKER:-1}"
+    assert env_example()["GPUS_PER_WORKER"] == "1"
     assert "/gpu-locks" in {v.split(":")[1] for v in worker["volumes"] if isinstance(v, str)}
     # --scale needs no fixed name and no host port.
     assert "container_name" not in worker and "ports" not in worker
@@ -375,6 +378,19 @@ def test_compose_config_renders_with_the_example_env(render, filled_env):
     # the build, an empty token is not "no token").
     assert "args" not in services["worker"]["build"]
     assert services["worker"]["environment"]["HF_TOKEN"] is None
+    assert services["worker"]["environment"]["IMAGEQA_ENGINE_ARGS"] is None
+    assert services["worker"]["environment"]["IMAGEQA_TENSOR_PARALLEL_SIZE"] == "1"
+
+
+def test_compose_gives_tensor_parallel_workers_their_gpus_and_engine_arguments(render, filled_env):
+    env = {**filled_env, "GPUS_PER_WORKER": "2", "WORKER_REPLICAS": "4"}
+    env["IMAGEQA_ENGINE_ARGS"] = '{"max_model_len": 8192}'
+    result = render(env, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    worker = json.loads(result.stdout)["services"]["worker"]
+    assert worker["environment"]["IMAGEQA_TENSOR_PARALLEL_SIZE"] == "2"
+    assert worker["environment"]["IMAGEQA_ENGINE_ARGS"] == '{"max_model_len": 8192}'
+    assert worker["deploy"]["replicas"] == 4
 
 
 @pytest.mark.parametrize("name", ["REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "MEDIA_DIR"])
@@ -568,6 +584,40 @@ def test_other_commands_and_preset_devices_claim_nothing(entrypoint):
     out, _ = entrypoint("status", "job-1").communicate(timeout=10)
     assert out.strip() == "gpu=none order= args=status job-1"
     assert entrypoint.first_line(entrypoint("worker", CUDA_VISIBLE_DEVICES="1")) == "gpu=1 order= args=worker"
+
+
+def test_tensor_parallel_replicas_claim_disjoint_pairs_of_gpus(entrypoint):
+    # Given four GPUs and workers of two GPUs each (GPUS_PER_WORKER=2 -> IMAGEQA_TENSOR_PARALLEL_SIZE)
+    four = {"FAKE_GPUS": "0\\n1\\n2\\n3\\n", "IMAGEQA_TENSOR_PARALLEL_SIZE": "2"}
+    replicas = [entrypoint("worker", **four) for _ in range(3)]  # three racing for two pairs
+    lines = {p: entrypoint.first_line(p) for p in replicas}
+    assert sorted(lines.values()) == [
+        "",
+        *(f"gpu={pair} order=PCI_BUS_ID args=worker" for pair in ("0,1", "2,3")),
+    ]
+    (extra,) = [p for p, line in lines.items() if not line]
+    _, err = extra.communicate(timeout=10)
+    assert extra.returncode == 1
+    assert "needs 2 GPUs (GPUS_PER_WORKER) but no group of 2 of this host's GPUs (0,1,2,3) is free" in err
+
+
+def test_a_pair_partly_taken_is_let_go_and_the_next_one_claimed(entrypoint):
+    four = "0\\n1\\n2\\n3\\n"
+    singles = {entrypoint.first_line(p): p for p in (entrypoint("worker", FAKE_GPUS=four) for _ in range(2))}
+    holder_of_0 = singles["gpu=0 order=PCI_BUS_ID args=worker"]
+    holder_of_0.kill()
+    holder_of_0.wait()
+    # GPU 0 is free, GPU 1 is not: a two-GPU worker takes 0, fails on 1, lets 0 go and takes 2-3.
+    pair = entrypoint("worker", FAKE_GPUS=four, IMAGEQA_TENSOR_PARALLEL_SIZE="2")
+    assert entrypoint.first_line(pair) == "gpu=2,3 order=PCI_BUS_ID args=worker"
+    assert entrypoint.first_line(entrypoint("worker", FAKE_GPUS=four)) == "gpu=0 order=PCI_BUS_ID args=worker"
+
+
+@pytest.mark.parametrize("size", ["0", "two", "-1"])
+def test_a_gpu_count_that_is_not_a_whole_number_is_refused(entrypoint, size):
+    proc = entrypoint("worker", IMAGEQA_TENSOR_PARALLEL_SIZE=size)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1 and f"must be a whole number of GPUs, not '{size}'" in err
 
 
 def test_a_host_without_visible_gpus_fails_loudly(entrypoint):

@@ -5,6 +5,7 @@ The engine is built once when the worker starts (``worker_init``) and shut down 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,9 @@ from workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}
+EXIT_ENGINE_FAILED = 3
+"""Exit status of a worker whose engine failed to start; its log's last line starts with `ENGINE_FAILED`."""
+ENGINE_FAILED = "engine failed to start: "
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -98,12 +102,16 @@ def _on_worker_init(**_: Any) -> None:
     settings = worker_settings()
     log.info("starting %s engine for %s", settings.engine.kind, settings.engine.model)
     try:
-        start_engine(settings)
-    except Exception:
+        rt = start_engine(settings)
+    except Exception as e:
         log.exception("engine failed to start")
+        # Last, on one line: what `imageqa run` shows of a worker whose engine did not start.
+        log.critical("%s%s: %s", ENGINE_FAILED, type(e).__name__, " ".join(str(e).split())[:1000])
+        logging.shutdown()
         sys.stdout.flush()
-        os._exit(3)
-    log.info("engine ready")
+        os._exit(EXIT_ENGINE_FAILED)
+    describe = getattr(rt.engine, "describe", None)  # the vLLM engine's settings as vLLM resolved them
+    log.info("engine ready%s", f": {json.dumps(describe(), default=str)}" if callable(describe) else "")
     from workers import metrics
 
     metrics.serve(settings.metrics_port, settings.metrics_address)

@@ -29,6 +29,7 @@ from producer.cli import (
     console,
     describe_checks,
     fail,
+    fail_line,
     generation_params,
     progress_bar,
     setup_logging,
@@ -39,6 +40,7 @@ from producer.errors import ImageQAError
 from producer.jobs import JobStatus
 from producer.sources import is_dir, location
 from producer.wait import wait_for_job
+from workers.engine_options import with_engine_options
 
 if TYPE_CHECKING:
     from workers.settings import WorkerSettings
@@ -47,15 +49,28 @@ EngineOption = Annotated[str | None, typer.Option("--engine", help="vllm (defaul
 
 
 @app.command()
+@with_engine_options
 def worker(
     model: ModelOption = None,
     engine: EngineOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks in flight (default 128).")] = None,
     loglevel: str = "INFO",
+    *,
+    vllm: dict[str, Any],
 ) -> None:
-    """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*."""
-    settings = worker_settings(model, engine, concurrency)
+    """Run a Celery worker with one warm engine (one per GPU); settings from IMAGEQA_*.
+
+    Before the engine starts, the engine arguments are checked against vLLM and the model is looked
+    for (a folder with a checkpoint, or a hub id in the local cache or on a reachable hub): a worker
+    that could not serve exits at once with one line saying why."""
+    settings = worker_settings(model, engine, concurrency, vllm)
     setup_logging(loglevel)
+    from workers.preflight import check_engine
+
+    try:
+        check_engine(settings.engine)
+    except ImageQAError as e:
+        raise fail_line(e) from None
     from celery import signals as celery_signals
 
     from producer.constants import QUEUE_GENERATE
@@ -128,6 +143,7 @@ def healthcheck(
 
 @app.command()
 @with_generation_options
+@with_engine_options
 def run(
     input_path: Annotated[str, typer.Argument(help=INPUT_HELP)],
     output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)],
@@ -146,13 +162,19 @@ def run(
     config: ConfigOption = None,
     *,
     params: GenerationParams,
+    vllm: dict[str, Any],
 ) -> None:
     """Run the whole system on this box: Redis (embedded unless IMAGEQA_REDIS_URL answers), a worker,
     the collector and the producer; exits 0 when every row is written or failed."""
     from workers.local import LocalCluster
+    from workers.preflight import check_engine_model
     from workers.settings import RunSettings
 
-    settings = RunSettings(worker=worker_settings(params.model, engine, concurrency))
+    settings = RunSettings(worker=worker_settings(params.model, engine, concurrency, vllm))
+    try:
+        check_engine_model(settings.worker.engine)  # the worker checks the rest (it imports vLLM)
+    except ImageQAError as e:
+        raise fail_line(e) from None
     if image_column:
         settings.producer = settings.producer.model_copy(update={"image_key": image_column})
     source = location(input_path)
@@ -188,6 +210,8 @@ def run(
                         broker=cluster.broker,
                     )
             except ImageQAError as e:
+                if (refused := cluster.worker_refusal()) is not None:
+                    raise ImageQAError(refused, code=e.code) from e
                 raise ImageQAError(
                     f"{e.message}\nlast lines of the worker log:\n{cluster.worker_log_tail()}"
                 ) from e
@@ -196,6 +220,8 @@ def run(
 
                 write_report(report_html, job_report(None, r=cluster.redis, job_id=summary.job_id)[1])
     except ImageQAError as e:
+        if "\n" not in e.message:
+            raise fail_line(e) from None
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
     rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(st.rejected.items())) or "none"
@@ -365,13 +391,30 @@ def parse_qa(
     )
 
 
-def worker_settings(model: str | None, engine: str | None, concurrency: int | None) -> WorkerSettings:
-    """The worker's settings: ``IMAGEQA_*`` variables, with the command line's options over them."""
-    from workers.settings import EngineSettings, WorkerSettings
+def worker_settings(
+    model: str | None, engine: str | None, concurrency: int | None, vllm: dict[str, Any] | None = None
+) -> WorkerSettings:
+    """The worker's settings: ``IMAGEQA_*`` variables, with the command line's options over them
+    (``vllm``: the engine options given, `workers.engine_options`). Invalid settings exit with one
+    line per problem."""
+    from pydantic import ValidationError
 
-    return WorkerSettings(
-        **_given(concurrency=concurrency), engine=EngineSettings(**_given(kind=engine, model=model))
-    )
+    from workers.settings import EngineSettings, VLLMSettings, WorkerSettings
+
+    try:
+        engine_settings = EngineSettings(**_given(kind=engine, model=model, vllm=VLLMSettings(**vllm or {})))
+        return WorkerSettings(**_given(concurrency=concurrency), engine=engine_settings)
+    except ValidationError as e:
+        raise fail_line(ImageQAError(_settings_problems(e))) from None
+
+
+def _settings_problems(error: Any) -> str:
+    problems = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def _given(**options: Any) -> dict[str, Any]:

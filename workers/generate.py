@@ -113,6 +113,13 @@ def _generate(
             f"task asks for model {params.model!r}; this worker serves {settings.engine.model!r}",
             code=ErrorCode.MODEL_MISMATCH,
         )
+    limit = settings.engine.max_images()
+    if limit is not None and len(message.images) > limit:  # refused before any image is loaded
+        raise ImageQAError(
+            f"{len(message.images)} images in one row; this worker's engine takes at most {limit} per "
+            "prompt (--limit-mm-per-prompt)",
+            code=ErrorCode.TOO_MANY_IMAGES,
+        )
     with metrics.stage("load"):
         images = [load_image(ref, settings) for ref in message.images]
     metrics.IMAGES.inc(len(images))

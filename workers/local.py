@@ -26,6 +26,9 @@ from producer.jobs import JobRecord
 from workers.collector import Collector
 from workers.settings import RunSettings, child_environ
 
+EXIT_REFUSED = 2
+"""Exit status of a worker that refuses to start over its settings (`workers.cli.fail_line`)."""
+
 
 class LocalCluster:
     """Redis, a worker process and a collector thread with ``settings``; the worker may read images
@@ -99,6 +102,23 @@ class LocalCluster:
     def worker_alive(self) -> bool:
         alive = self._worker is not None and self._worker.poll() is None
         return alive and self._collector is not None and self._collector.is_alive()
+
+    def worker_refusal(self) -> str | None:
+        """Why the worker stopped before serving, on one line: it refused its settings (exit status 2
+        and an ``error:`` line: an engine argument vLLM does not take, a model it cannot load), or its
+        engine failed to start (the exception, and where the log is); None if neither."""
+        from workers.app import ENGINE_FAILED, EXIT_ENGINE_FAILED
+
+        code = None if self._worker is None else self._worker.poll()
+        lines = self.worker_log_tail(5).splitlines()
+        if code == EXIT_REFUSED:
+            refused = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            return refused[-1] if refused else None
+        if code == EXIT_ENGINE_FAILED:
+            failed = [line.split(ENGINE_FAILED, 1)[1] for line in lines if ENGINE_FAILED in line]
+            if failed:
+                return f"the worker's {ENGINE_FAILED}{failed[-1]} (worker log: {self.worker_log})"
+        return None
 
     def worker_log_tail(self, lines: int = 30) -> str:
         try:

@@ -10,14 +10,16 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from producer.contract import MAX_ROW_BYTES
+from producer.errors import EngineArgsError
 from producer.settings import ProducerSettings, RedisSettings
+from workers.engines.vllm_args import parse_engine_args
 from workers.fetch import AllowedNetwork, FetchPolicy
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -109,18 +111,50 @@ class _Settings(BaseSettings):
 
 
 class VLLMSettings(_Settings):
-    """engine=vllm: how the vLLM engine is built (`workers.engines.vllm_config`)."""
+    """engine=vllm: how the vLLM engine is built (`workers.engines.vllm_config`).
+
+    Fields are vLLM's engine arguments under vLLM's names (``max_images_per_prompt`` is the image
+    count of its ``limit_mm_per_prompt``); ``engine_args`` takes any other. An argument given in
+    ``engine_args`` that has a field here goes to that field.
+    """
 
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
     max_images_per_prompt: int = 4
+    """Most images in one prompt (vLLM's ``limit_mm_per_prompt`` image count); a row with more
+    fails as ``too_many_images`` before its images are loaded."""
     dtype: str = "auto"
     enforce_eager: bool | None = None
     """Skip torch.compile and CUDA graphs; unset: on for CPU, off for GPU."""
     kv_cache_memory_bytes: int | None = None
     """KV cache size; unset: vLLM's share of GPU memory, or 1 GiB on a CPU."""
+    quantization: str | None = None
+    """Weight quantization method (``awq``, ``gptq``, ``fp8``, ...); unset: the checkpoint's own."""
+    revision: str | None = None
+    """Model revision on the hub: a branch, tag or commit; unset: the default branch."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (models transformers does not know)."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of shared prompt prefixes; unset: vLLM's default."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens in one engine step; unset: vLLM's default."""
+    engine_args: Annotated[dict[str, Any], NoDecode] = {}
+    """Any other ``AsyncEngineArgs`` field by vLLM's name: a JSON object or ``@file`` (JSON or YAML),
+    checked against vLLM when the engine is built (`workers.engines.vllm_args`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_engine_args(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "engine_args" not in data:
+            return data
+        return cls.fold(data)
+
+    @classmethod
+    def fold(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`fold_engine_args` for these settings; raises `EngineArgsError`."""
+        return fold_engine_args(data, set(cls.model_fields) - {"engine_args", "max_images_per_prompt"})
 
 
 class OpenAISettings(_Settings):
@@ -157,6 +191,10 @@ class EngineSettings(_Settings):
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     fake: FakeSettings = Field(default_factory=FakeSettings)
+
+    def max_images(self) -> int | None:
+        """Most images one prompt of this engine takes; None: no limit known here."""
+        return self.vllm.max_images_per_prompt if self.kind == "vllm" else None
 
 
 class WorkerSettings(ImageSettings):
@@ -228,6 +266,37 @@ class RunSettings(_Settings):
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
 
 
+def fold_engine_args(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    """``data`` (a `VLLMSettings` input) with its ``engine_args`` read (JSON, ``@file`` or dict) and the
+    arguments that are fields of their own moved there; ``limit_mm_per_prompt``'s image count goes to
+    ``max_images_per_prompt``. An argument given both ways with two values is an error."""
+    data = dict(data)
+    args = parse_engine_args(data["engine_args"])
+    moved = {name: args.pop(name) for name in list(args) if name in fields}
+    limits = args.get("limit_mm_per_prompt")
+    if isinstance(limits, dict) and "image" in limits:
+        image = limits["image"]
+        count = image.get("count") if isinstance(image, dict) else image
+        if not isinstance(image, dict):
+            limits = {k: v for k, v in limits.items() if k != "image"}
+            if limits:
+                args["limit_mm_per_prompt"] = limits
+            else:
+                del args["limit_mm_per_prompt"]
+        if count is not None:
+            moved["max_images_per_prompt"] = count
+    for name, value in moved.items():
+        if name in data and str(data[name]).lower() != str(value).lower():
+            given = "image count of limit_mm_per_prompt" if name == "max_images_per_prompt" else name
+            raise EngineArgsError(
+                f"engine argument {given} is given twice: {value!r} in the engine arguments and "
+                f"{data[name]!r} by its own option or IMAGEQA_{name.upper()}; keep one"
+            )
+        data[name] = value
+    data["engine_args"] = args
+    return data
+
+
 def read_api_key(env_name: str) -> str | None:
     """The API key held by the environment variable ``env_name``; None when it is unset or empty."""
     return os.environ.get(env_name) or None
@@ -253,7 +322,7 @@ def environ(settings: BaseSettings) -> dict[str, str]:
         if isinstance(value, BaseSettings):
             env.update(environ(value))
         elif value is not None:
-            if NoDecode in field.metadata:  # read as a string, not JSON: a list of paths or of names
+            if NoDecode in field.metadata and isinstance(value, list):  # a list of paths or of names
                 sep = os.pathsep if value and isinstance(value[0], Path) else ","
                 text = sep.join(str(v) for v in value)
             elif isinstance(value, str):

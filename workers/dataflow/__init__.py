@@ -13,7 +13,13 @@ Servings: `LocalModelVLMServing_vllm` (vLLM in this process), `APIVLMServing_ope
 OpenAI-compatible server), `ClusterServing` (a running imageqa cluster), `LocalServing` (any engine).
 """
 
-from producer.errors import ClusterServingError, DataFlowError, StorageError
+from producer.errors import (
+    ClusterServingError,
+    DataFlowError,
+    EngineArgsError,
+    ModelUnavailable,
+    StorageError,
+)
 from workers.dataflow.cluster import ClusterServing
 from workers.dataflow.operator import ImageQAGenerate
 from workers.dataflow.servings import (
@@ -32,10 +38,12 @@ __all__ = [
     "ClusterServing",
     "ClusterServingError",
     "DataFlowError",
+    "EngineArgsError",
     "FileStorage",
     "ImageQAGenerate",
     "LocalModelVLMServing_vllm",
     "LocalServing",
+    "ModelUnavailable",
     "RowInput",
     "RowResult",
     "RunContext",

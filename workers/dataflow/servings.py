@@ -27,9 +27,10 @@ from producer.cli import progress_bar
 from producer.contract import ErrorInfo, GenerationParams, QAPair, TaskMessage, output_meta
 from producer.errors import ContractError, DataFlowError, ErrorCode
 from workers.engines.base import Engine
+from workers.engines.vllm_args import parse_engine_args
 from workers.generate import process
 from workers.runtime import EngineRuntime
-from workers.settings import WorkerSettings, read_api_key
+from workers.settings import VLLMSettings, WorkerSettings, read_api_key
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -220,25 +221,37 @@ class LocalModelVLMServing_vllm(LocalServing):
     """The vLLM engine in this process, as on a worker (`workers.engines.vllm_config`).
 
     ``hf_model_name_or_path`` is a local checkpoint folder or a hub id. The ``vllm_*`` arguments are
-    DataFlow's; ``vllm_limit_mm_per_prompt`` is the most images one row may have (default 4). The
-    keyword-only arguments shape the pairs: ``min_pairs``/``max_pairs`` (3-5) and the longest question
-    and answer in characters (300, 500). Other engine settings come from ``IMAGEQA_*`` variables
-    as for a worker (``IMAGEQA_KV_CACHE_MEMORY_BYTES``, ``IMAGEQA_MAX_NUM_SEQS``, ...). The engine
-    starts on first use (seconds to minutes) and stays warm until ``cleanup()``.
+    DataFlow's and vLLM's engine arguments of the same name (unset: the worker's defaults, e.g. one
+    GPU and 0.9 of its memory); ``vllm_limit_mm_per_prompt`` is the most images one row may have
+    (default 4; or vLLM's dict, ``{"image": 2}``), and a row with more fails as ``too_many_images``.
+    ``engine_args`` takes any other vLLM engine argument by vLLM's name (a dict, a JSON object or
+    ``@file``), checked against vLLM here: an unknown name raises `EngineArgsError` naming the
+    closest ones. The keyword-only arguments shape the pairs: ``min_pairs``/``max_pairs`` (3-5) and the
+    longest question and answer in characters (300, 500). Other engine settings come from
+    ``IMAGEQA_*`` variables as for a worker (``IMAGEQA_KV_CACHE_MEMORY_BYTES``, ...). The engine starts
+    on first use (seconds to minutes; a model that cannot be loaded raises `ModelUnavailable` at once)
+    and stays warm until ``cleanup()``.
     """
 
     def __init__(
         self,
         hf_model_name_or_path: str,
-        vllm_tensor_parallel_size: int = 1,
+        vllm_tensor_parallel_size: int | None = None,
         vllm_temperature: float = 0.7,
         vllm_top_p: float = 0.9,
         vllm_max_tokens: int = 1024,
         vllm_max_model_len: int | None = None,
-        vllm_gpu_memory_utilization: float = 0.9,
-        vllm_limit_mm_per_prompt: int = 4,
+        vllm_gpu_memory_utilization: float | None = None,
+        vllm_limit_mm_per_prompt: int | dict[str, Any] | None = None,
         vllm_seed: int | None = None,
         *,
+        vllm_max_num_seqs: int | None = None,
+        vllm_dtype: str | None = None,
+        vllm_quantization: str | None = None,
+        vllm_revision: str | None = None,
+        vllm_trust_remote_code: bool | None = None,
+        vllm_enable_prefix_caching: bool | None = None,
+        engine_args: dict[str, Any] | str | None = None,
         settings: WorkerSettings | None = None,
         max_in_flight: int | None = None,
         request_timeout_s: float = 600.0,
@@ -248,13 +261,26 @@ class LocalModelVLMServing_vllm(LocalServing):
         from workers.engines import vllm_config
         from workers.engines.vllm import VLLMEngine
 
-        vllm: dict[str, Any] = dict(
+        given = dict(
             tensor_parallel_size=vllm_tensor_parallel_size,
             gpu_memory_utilization=vllm_gpu_memory_utilization,
-            max_images_per_prompt=vllm_limit_mm_per_prompt,
+            max_model_len=vllm_max_model_len,
+            max_num_seqs=vllm_max_num_seqs,
+            dtype=vllm_dtype,
+            quantization=vllm_quantization,
+            revision=vllm_revision,
+            trust_remote_code=vllm_trust_remote_code,
+            enable_prefix_caching=vllm_enable_prefix_caching,
         )
-        if vllm_max_model_len is not None:  # else IMAGEQA_MAX_MODEL_LEN, else the model's own
-            vllm["max_model_len"] = vllm_max_model_len
+        # Unset: IMAGEQA_* variables, else the worker's defaults (the model's own max_model_len, ...).
+        vllm: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+        args = parse_engine_args(engine_args)
+        if isinstance(vllm_limit_mm_per_prompt, dict):
+            args["limit_mm_per_prompt"] = vllm_limit_mm_per_prompt
+        elif vllm_limit_mm_per_prompt is not None:
+            vllm["max_images_per_prompt"] = vllm_limit_mm_per_prompt
+        if engine_args is not None or args:
+            vllm = VLLMSettings.fold({**vllm, "engine_args": args})
         settings = serving_settings(settings, engine={"model": hf_model_name_or_path, "vllm": vllm})
         config = vllm_config(settings.engine)
         if vllm_seed is not None:
@@ -274,6 +300,9 @@ class LocalModelVLMServing_vllm(LocalServing):
         )
 
     def _start_runtime(self, runtime: EngineRuntime) -> None:
+        from workers.preflight import check_engine_model
+
+        check_engine_model(self.settings.engine)  # a missing model: one clear error, not vLLM's start
         with _main_script_hidden():
             runtime.start()
 

@@ -37,18 +37,39 @@ def build_engine(settings: EngineSettings, *, request_timeout_s: float) -> Engin
 
 
 def vllm_config(settings: EngineSettings) -> VLLMEngineConfig:
-    """The vLLM engine config a worker uses; on a machine without CUDA, CPU-friendly defaults."""
+    """The vLLM engine config a worker uses; on a machine without CUDA, CPU-friendly defaults.
+
+    Imports vLLM to check the engine arguments against it: raises `producer.errors.EngineArgsError`.
+    """
     from workers.engines.vllm import VLLMEngineConfig
+    from workers.engines.vllm_args import check_engine_args
 
     vllm = settings.vllm
     on_gpu = _cuda_available()
-    extra: dict[str, object] = {}
+    extra: dict[str, object] = {
+        name: value
+        for name in ("quantization", "revision", "enable_prefix_caching", "max_num_batched_tokens")
+        if (value := getattr(vllm, name)) is not None
+    }
+    if vllm.trust_remote_code:
+        extra["trust_remote_code"] = True
     kv_bytes = vllm.kv_cache_memory_bytes
     if kv_bytes is None and not on_gpu:
         # On CPU gpu_memory_utilization is a share of host RAM (0.9 would claim ~21 GB here).
         kv_bytes = 1 << 30
     if kv_bytes is not None:
         extra["kv_cache_memory_bytes"] = kv_bytes
+    # The engine's own settings too: `--dtype bf16` should fail here, not in the middle of the start.
+    own = vllm.model_dump(exclude={"engine_args", "max_images_per_prompt"}, exclude_none=True)
+    check_engine_args(own)
+    engine_args = check_engine_args(vllm.engine_args)
+    if "limit_mm_per_prompt" in engine_args:  # other modalities (or the image's size) beside the count
+        engine_args["limit_mm_per_prompt"] = {
+            "image": vllm.max_images_per_prompt,
+            "video": 0,
+            **engine_args["limit_mm_per_prompt"],
+        }
+    extra.update(engine_args)
     return VLLMEngineConfig(
         model=settings.model,
         max_model_len=vllm.max_model_len,

@@ -189,6 +189,27 @@ class VLLMEngine(Engine):
             raise
         self._llm = llm
 
+    def describe(self) -> dict[str, Any]:
+        """The settings of the running engine as vLLM resolved them (after ``start``), for its log."""
+        config = self._require_llm().vllm_config
+        model, scheduler = config.model_config, config.scheduler_config
+        multimodal = model.multimodal_config
+        return {
+            "model": model.model,
+            "revision": model.revision,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "quantization": model.quantization,
+            "max_model_len": model.max_model_len,
+            "max_num_seqs": scheduler.max_num_seqs,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+            "limit_mm_per_prompt": (
+                {m: multimodal.get_limit_per_prompt(m) for m in ("image", "video")} if multimodal else {}
+            ),
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "enforce_eager": model.enforce_eager,
+        }
+
     def render_prompt(self, request: EngineRequest) -> str:
         """The prompt text: the model's chat template with one image placeholder per image."""
         text: str = self._templated(request.system_prompt, request.prompt, len(request.images))
