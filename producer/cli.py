@@ -355,12 +355,7 @@ ConfigOption = Annotated[
 
 
 def fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
-    return typer.Exit(2)
-
-
-def fail_line(error: Exception) -> typer.Exit:
-    """Like `fail`, on one line of stderr however long it is (for scripts and logs to read)."""
+    """An error as one line of stderr however long it is (for people, scripts and logs), exit 2."""
     from rich.markup import escape
 
     console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)

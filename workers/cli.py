@@ -29,7 +29,6 @@ from producer.cli import (
     console,
     describe_checks,
     fail,
-    fail_line,
     generation_params,
     progress_bar,
     setup_logging,
@@ -70,7 +69,7 @@ def worker(
     try:
         check_engine(settings.engine)
     except ImageQAError as e:
-        raise fail_line(e) from None
+        raise fail(e) from None
     from celery import signals as celery_signals
 
     from producer.constants import QUEUE_GENERATE
@@ -174,7 +173,7 @@ def run(
     try:
         check_engine_model(settings.worker.engine)  # the worker checks the rest (it imports vLLM)
     except ImageQAError as e:
-        raise fail_line(e) from None
+        raise fail(e) from None
     if image_column:
         settings.producer = settings.producer.model_copy(update={"image_key": image_column})
     source = location(input_path)
@@ -221,7 +220,7 @@ def run(
                 write_report(report_html, job_report(None, r=cluster.redis, job_id=summary.job_id)[1])
     except ImageQAError as e:
         if "\n" not in e.message:
-            raise fail_line(e) from None
+            raise fail(e) from None
         raise fail(e) from None
     console.print(f"[green]done[/green]: {st.written} rows written, {st.failed} rows failed")
     rejected = ", ".join(f"{reason} {n}" for reason, n in sorted(st.rejected.items())) or "none"
@@ -405,7 +404,7 @@ def worker_settings(
         engine_settings = EngineSettings(**_given(kind=engine, model=model, vllm=VLLMSettings(**vllm or {})))
         return WorkerSettings(**_given(concurrency=concurrency), engine=engine_settings)
     except ValidationError as e:
-        raise fail_line(ImageQAError(_settings_problems(e))) from None
+        raise fail(ImageQAError(_settings_problems(e))) from None
 
 
 def _settings_problems(error: Any) -> str:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from producer.cli import fail_line
+from producer.cli import fail
 from producer.errors import EngineArgsError
 from workers.engines.vllm_args import parse_engine_args
 
@@ -103,7 +103,7 @@ def engine_options(
                     raise EngineArgsError("limit_mm_per_prompt is given twice: in --engine-args and alone")
                 args["limit_mm_per_prompt"] = limits
     except EngineArgsError as e:
-        raise fail_line(e) from None
+        raise fail(e) from None
     return given
 
 

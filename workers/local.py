@@ -27,7 +27,7 @@ from workers.collector import Collector
 from workers.settings import RunSettings, child_environ
 
 EXIT_REFUSED = 2
-"""Exit status of a worker that refuses to start over its settings (`workers.cli.fail_line`)."""
+"""Exit status of a worker that refuses to start over its settings (`workers.cli.fail`)."""
 
 
 class LocalCluster:
