@@ -8,7 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,40 @@ def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
     )
+
+
+@contextmanager
+def scripted_items(folder: Path, params: Any, templates: Any = None) -> Iterator[Callable[..., Any]]:
+    """``run(script, n_images=1, **params)``: one item through `workers.generate.process` (what a
+    worker runs per task) with a scripted fake engine (``script(request) -> text``), on ``n_images`` of
+    three images made in ``folder``, with ``params`` updated by the keywords; ``templates``: the
+    job-wide template gate, if any. Every engine runtime is stopped when the block ends."""
+    from producer.contract import TaskMessage
+    from workers.engines.fake import FakeEngine
+    from workers.generate import process
+    from workers.runtime import EngineRuntime
+    from workers.settings import WorkerSettings
+
+    images = make_images(folder, 3)
+    settings = WorkerSettings(media_roots=[folder], engine={"kind": "fake", "model": "fake"}, metrics_port=0)
+    runtimes: list[EngineRuntime] = []
+
+    def run(script: Callable[[Any], str], n_images: int = 1, **update: Any) -> Any:
+        runtime = EngineRuntime(FakeEngine(respond=script))
+        runtime.start(10)
+        runtimes.append(runtime)
+        message = TaskMessage(
+            job_id="j",
+            item_id="i",
+            row_index=0,
+            images=[str(p) for p in images[:n_images]],
+            row={"image": [p.name for p in images[:n_images]]},
+            params=params.model_copy(update=update),
+        )
+        return process(message, runtime, settings, templates)
+
+    try:
+        yield run
+    finally:
+        for runtime in runtimes:
+            runtime.stop()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from producer.contract import GenerationParams, TaskMessage
-from tests.helpers import make_images, read_jsonl, run_cli, write_jsonl
+from producer.contract import GenerationParams
+from tests.helpers import make_images, read_jsonl, run_cli, scripted_items, write_jsonl
 from tests.test_quality_engine import SHORT, enqueue_and_wait, status_json
 from workers.checks import parse_judgement
 from workers.prompts import blind_spec, judge_schema, judge_spec
@@ -62,34 +62,8 @@ class Scripted:
 
 @pytest.fixture
 def run_item(tmp_path):
-    from workers.engines.fake import FakeEngine
-    from workers.generate import process
-    from workers.runtime import EngineRuntime
-    from workers.settings import WorkerSettings
-
-    images = make_images(tmp_path, 3)
-    settings = WorkerSettings(
-        media_roots=[tmp_path], engine={"kind": "fake", "model": "fake"}, metrics_port=0
-    )
-    runtimes = []
-
-    def run(script, n_images=1, **params):
-        runtime = EngineRuntime(FakeEngine(respond=script))
-        runtime.start(10)
-        runtimes.append(runtime)
-        message = TaskMessage(
-            job_id="j",
-            item_id="i",
-            row_index=0,
-            images=[str(p) for p in images[:n_images]],
-            row={"image": [p.name for p in images[:n_images]]},
-            params=PARAMS.model_copy(update=params),
-        )
-        return process(message, runtime, settings)
-
-    yield run
-    for runtime in runtimes:
-        runtime.stop()
+    with scripted_items(tmp_path, PARAMS) as run:
+        yield run
 
 
 def test_the_blind_check_drops_the_pairs_answered_alike_without_the_image(run_item):

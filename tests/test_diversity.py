@@ -12,7 +12,7 @@ from producer.contract import QAPair
 from producer.jobs import JobRecord
 from producer.templates import question_template
 from tests import test_qa
-from tests.helpers import make_images, write_jsonl
+from tests.helpers import make_images, scripted_items, write_jsonl
 from tests.test_qa import Script
 from tests.test_quality_engine import SHORT, enqueue_and_wait, status_json
 from workers.diversity import WARMUP_PAIRS, TemplateGate
@@ -72,35 +72,8 @@ def test_the_gate_drops_pairs_over_the_share_after_the_warm_up_with_exact_counts
 @pytest.fixture
 def run_gated(tmp_path, redis_url):
     """One item through `workers.generate.process` with a scripted engine and the template gate."""
-    from producer.contract import TaskMessage
-    from workers.engines.fake import FakeEngine
-    from workers.generate import process
-    from workers.runtime import EngineRuntime
-    from workers.settings import WorkerSettings
-
-    (image,) = make_images(tmp_path, 1)
-    settings = WorkerSettings(
-        media_roots=[tmp_path], engine={"kind": "fake", "model": "fake"}, metrics_port=0
-    )
-    runtimes = []
-
-    def run(script, **params):
-        runtime = EngineRuntime(FakeEngine(respond=script))
-        runtime.start(10)
-        runtimes.append(runtime)
-        message = TaskMessage(
-            job_id="j",
-            item_id="i",
-            row_index=0,
-            images=[str(image)],
-            row={"image": [image.name]},
-            params=test_qa.PARAMS.model_copy(update=params),
-        )
-        return process(message, runtime, settings, TemplateGate(redis_client(redis_url)))
-
-    yield run
-    for runtime in runtimes:
-        runtime.stop()
+    with scripted_items(tmp_path, test_qa.PARAMS, TemplateGate(redis_client(redis_url))) as run:
+        yield run
 
 
 def test_a_scripted_row_counts_its_overused_pairs_and_is_asked_again(run_gated, redis_url):

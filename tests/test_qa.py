@@ -6,6 +6,7 @@ import pytest
 
 from producer.contract import QA_TYPES, GenerationParams, QAPair, QAStats
 from producer.errors import PromptError, QAValidationError
+from tests.helpers import scripted_items
 from workers.prompts import prompt_spec, qa_schema, retry_prompt, verify_spec
 from workers.qa import REASONS, PairPool, Rejection, answers_agree, check_output, check_pairs
 
@@ -313,36 +314,8 @@ class Script:
 
 @pytest.fixture
 def run_item(tmp_path):
-    from producer.contract import TaskMessage
-    from tests.helpers import make_images
-    from workers.engines.fake import FakeEngine
-    from workers.generate import process
-    from workers.runtime import EngineRuntime
-    from workers.settings import WorkerSettings
-
-    (image,) = make_images(tmp_path, 1)
-    settings = WorkerSettings(
-        media_roots=[tmp_path], engine={"kind": "fake", "model": "fake"}, metrics_port=0
-    )
-    runtimes = []
-
-    def run(script, **params):
-        runtime = EngineRuntime(FakeEngine(respond=script))
-        runtime.start(10)
-        runtimes.append(runtime)
-        message = TaskMessage(
-            job_id="j",
-            item_id="i",
-            row_index=0,
-            images=[str(image)],
-            row={"image": [image.name]},
-            params=PARAMS.model_copy(update=params),
-        )
-        return process(message, runtime, settings)
-
-    yield run
-    for runtime in runtimes:
-        runtime.stop()
+    with scripted_items(tmp_path, PARAMS) as run:
+        yield run
 
 
 def test_too_few_pairs_are_asked_for_again_and_merged(run_item):
