@@ -134,15 +134,29 @@ class FakeSettings(_Settings):
     """Image size (``"13x17"``) -> ``"crash"`` or ``"hang"``."""
 
 
+class SimGPUSettings(_Settings):
+    """engine=simgpu: vLLM's real front end and a simulated GPU (benchmarks; `workers.engines.simgpu`)."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEQA_SIMGPU_")
+
+    service_s: float = 0.64
+    """Time the simulated GPU holds each request."""
+    slots: int = 64
+    """Requests it holds at once: its capacity is ``slots / service_s`` requests/s (default 100)."""
+
+
 class EngineSettings(_Settings):
     """Which engine serves which model, and each engine's own settings (only ``kind``'s are used)."""
 
-    kind: Literal["vllm", "fake", "openai"] = Field(default="vllm", validation_alias="IMAGEQA_ENGINE")
+    kind: Literal["vllm", "fake", "openai", "simgpu"] = Field(
+        default="vllm", validation_alias="IMAGEQA_ENGINE"
+    )
     model: str = DEFAULT_MODEL
     """A local checkpoint folder or a model hub id (engine=openai: the served model name)."""
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     fake: FakeSettings = Field(default_factory=FakeSettings)
+    simgpu: SimGPUSettings = Field(default_factory=SimGPUSettings)
 
 
 class WorkerSettings(ImageSettings):

@@ -1,0 +1,360 @@
+"""Feeding a GPU: how many images/s one worker's CPU work delivers per core, and how it scales with cores.
+
+On a GPU the model is fast and the worker's CPU work per image limits it: reading and decoding the image,
+downscaling it, vLLM's multimodal input processing (the Qwen2.5-VL image processor, in the worker's
+process), Celery, Redis and the checks. This bench runs the real worker (``imageqa worker``, Celery
+threads pool) with the ``simgpu`` engine (`workers.engines.simgpu`): vLLM's real renderer and input
+processing for the model, then a simulated GPU that holds each request ``--service-s`` with ``--slots``
+at once and costs no CPU. Rows go through the real producer, Redis and collector.
+
+The model is the tiny Qwen2.5-VL checkpoint with its processor set to the pixel bounds of the released
+Qwen2.5-VL models (4 to 16384 vision tokens per image), so the processor does a 3B deployment's work.
+Images are generated here: 12 MP phone JPEGs (4032x3024, some portrait through EXIF), 1080p JPEGs and
+1600x1200 PNGs, every one distinct (vLLM caches processed images by content). The worker is pinned to
+1, then 2 CPUs (the rest of the bench to the other CPU when there is one); its CPU time is summed over
+its process and all its children. Prints a table and ``BENCH name=value target=value`` lines:
+
+- ``gpu_feed_<set>_images_per_s_per_core``: images per CPU-second of the worker (images/s / cores busy);
+- ``gpu_feed_scaling_2_over_1_cores``: images/s on 2 CPUs over images/s on 1 (12 MP set);
+- ``gpu_feed_<set>_share_of_gpu``: images/s on the most CPUs over the simulated GPU's capacity.
+
+    python ops/bench_gpufeed.py --model .cache/tiny-qwen2.5-vl
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "ops"))
+
+from bench_images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, photo  # noqa: E402
+from benchlib import private_redis, stop_children  # noqa: E402
+
+from producer.broker import redis_client  # noqa: E402
+from producer.contract import GenerationParams  # noqa: E402
+from producer.enqueue import enqueue_file  # noqa: E402
+from producer.jobs import job_status  # noqa: E402
+from producer.settings import ProducerSettings  # noqa: E402
+from tests.helpers import write_jsonl  # noqa: E402
+from workers.collector import Collector  # noqa: E402
+from workers.settings import CollectorSettings  # noqa: E402
+
+# (name, width, height, format): the classes of generated images.
+PHONE = ("12mp", 4032, 3024, "JPEG")
+HD = ("1080p", 1920, 1080, "JPEG")
+PNG = ("png", 1600, 1200, "PNG")
+SETS = {"12mp": [PHONE], "mixed": [PHONE, HD, PNG]}
+
+
+@dataclass
+class Run:
+    cores: int
+    set_name: str
+    images: int
+    elapsed_s: float
+    cpu_s: float
+    failed: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s
+
+    @property
+    def per_core(self) -> float:
+        return self.images / self.cpu_s
+
+    @property
+    def cores_busy(self) -> float:
+        return self.cpu_s / self.elapsed_s
+
+
+def model_with_released_processor(tiny: Path, folder: Path) -> Path:
+    """A copy of the tiny checkpoint whose image processor has the released Qwen2.5-VL pixel bounds
+    (the tiny one caps images at 401,408 pixels to keep CPU tests fast)."""
+    target = folder / "model"
+    shutil.copytree(tiny, target)
+    config_path = target / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config["size"] = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    config.pop("min_pixels", None)
+    config.pop("max_pixels", None)
+    config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+_bases: dict[str, list[Image.Image]] = {}
+_made = itertools.count()
+
+
+def make_images(folder: Path, kind: tuple[str, int, int, str], n: int, tag: str) -> list[Path]:
+    """``n`` distinct photo-like images of one class: three generated photos, each copy marked with a
+    patch of its own, so no two files decode to the same pixels. Every fourth phone photo is stored
+    landscape with EXIF orientation 6 (portrait), as phones do."""
+    name, width, height, fmt = kind
+    if name not in _bases:
+        _bases[name] = [photo(width, height, seed=zlib.crc32(f"{name}{k}".encode())) for k in range(3)]
+    bases = _bases[name]
+    paths = []
+    for i in range(n):
+        image = bases[i % len(bases)].copy()
+        draw = ImageDraw.Draw(image)
+        k = next(_made)
+        x, y = (97 * k) % (width - 64), (53 * k) % (height - 64)
+        draw.rectangle((x, y, x + 63, y + 63), fill=((37 * k) % 256, (91 * k) % 256, (13 * k) % 256))
+        path = folder / f"{tag}-{name}-{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        if fmt == "JPEG":
+            exif = Image.Exif()
+            if name == "12mp" and i % 4 == 3:
+                exif[0x0112] = 6
+            image.save(path, "JPEG", quality=90, exif=exif.tobytes())
+        else:
+            image.save(path, "PNG")
+        paths.append(path)
+    return paths
+
+
+def image_set(folder: Path, set_name: str, n: int, tag: str) -> list[Path]:
+    kinds = SETS[set_name]
+    per_kind = [make_images(folder, kind, -(-n // len(kinds)), f"{tag}-{set_name}") for kind in kinds]
+    mixed = [path for group in zip(*per_kind, strict=True) for path in group]
+    return mixed[:n]
+
+
+def tree_cpu_s(proc: psutil.Process) -> float:
+    """User + system CPU seconds of ``proc`` and every live child (threads included)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def feed(
+    redis_url: str, folder: Path, images: list[Path], params: GenerationParams, tag: str
+) -> tuple[float, int]:
+    """Enqueues one row per image and waits until all are collected; returns (seconds, failed rows)."""
+    rows = [{"image": str(p), "i": i} for i, p in enumerate(images)]
+    source = write_jsonl(folder / f"in-{tag}.jsonl", rows)
+    collector = Collector(
+        CollectorSettings(
+            redis_url=redis_url,
+            block_ms=50,
+            consumer=f"bench-{tag}",
+            output_dir=folder / "unregistered",
+            metrics_port=0,
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
+    thread.start()
+    r = redis_client(redis_url)
+    started = time.perf_counter()
+    summary = enqueue_file(
+        source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url), params=params
+    )
+    while not (status := job_status(r, summary.job_id)) or not status.finished:
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return elapsed, status.failed
+
+
+def wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+        if " ready." in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise SystemExit("worker not ready")
+
+
+def run_cores(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    folder: Path,
+    cpus: list[int],
+    others: list[int],
+    sets: dict[str, list[Path]],
+    warm: list[Path],
+    params: GenerationParams,
+    round_no: int,
+) -> list[Run]:
+    """One worker pinned to ``cpus`` (this process to ``others``): warm-up, then each image set."""
+    log_path = folder / f"worker-{len(cpus)}-{round_no}.log"
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(others or cpus))
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)),
+        )
+    runs = []
+    try:
+        wait_ready(log_path, proc)
+        worker = psutil.Process(proc.pid)
+        feed(args.redis_url, folder, warm, params, f"warm-{len(cpus)}-{round_no}")
+        for set_name, images in sets.items():
+            cpu_before = tree_cpu_s(worker)
+            elapsed, failed = feed(
+                args.redis_url, folder, images, params, f"{set_name}-{len(cpus)}-{round_no}"
+            )
+            runs.append(
+                Run(len(cpus), set_name, len(images), elapsed, tree_cpu_s(worker) - cpu_before, failed)
+            )
+            run = runs[-1]
+            print(
+                f"round {round_no + 1}, {len(cpus)} CPU(s), {set_name:>5}: {run.images_per_s:6.1f} images/s,"
+                f" {run.cores_busy:4.2f} cores busy, {run.per_core:6.1f} images/s per core"
+                + (f" ({failed} failed rows)" if failed else ""),
+                flush=True,
+            )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.sched_setaffinity(0, mine)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="the tiny Qwen2.5-VL checkpoint")
+    parser.add_argument("--n", type=int, default=192, help="images per set and run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--service-s", type=float, default=0.64, help="simulated GPU time per request")
+    parser.add_argument("--slots", type=int, default=64, help="requests the simulated GPU holds at once")
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--cores", default="1,2", help="CPU counts to pin the worker to")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
+    )
+    parser.add_argument("--redis-url", help="default: a private redis-server for the bench")
+    args = parser.parse_args()
+    allowed = sorted(os.sched_getaffinity(0))
+    counts = [int(c) for c in args.cores.split(",")]
+    if max(counts) > len(allowed):
+        raise SystemExit(f"--cores {args.cores}: only {len(allowed)} CPUs available")
+    capacity = args.slots / args.service_s
+    params = GenerationParams(max_question_chars=64, max_answer_chars=64, generation_tries=1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            model = model_with_released_processor(Path(args.model), folder)
+            started = time.perf_counter()
+            # All distinct (vLLM answers a repeated image from its cache); every run has a new worker.
+            sets = {name: image_set(folder, name, args.n, name) for name in SETS}
+            warm = image_set(folder, "mixed", 9, "warm")
+            print(
+                f"generated {2 * args.n + len(warm)} images in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+            if args.redis_url:
+                results = measure(args, folder, model, counts, allowed, sets, warm, params)
+            else:
+                with private_redis(folder) as url:
+                    args.redis_url = url
+                    results = measure(args, folder, model, counts, allowed, sets, warm, params)
+    finally:
+        stop_children()
+    report(args, results, counts, capacity)
+
+
+def measure(args, folder, model, counts, allowed, sets, warm, params) -> list[Run]:  # type: ignore[no-untyped-def]
+    env = {
+        **os.environ,
+        "IMAGEQA_REDIS_URL": args.redis_url,
+        "IMAGEQA_ENGINE": "simgpu",
+        "IMAGEQA_MODEL": str(model),
+        "IMAGEQA_MEDIA_ROOTS": str(folder),
+        "IMAGEQA_CONCURRENCY": str(args.concurrency),
+        "IMAGEQA_MAX_MODEL_LEN": "32768",
+        "IMAGEQA_SIMGPU_SERVICE_S": str(args.service_s),
+        "IMAGEQA_SIMGPU_SLOTS": str(args.slots),
+        "IMAGEQA_METRICS_PORT": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    results: list[Run] = []
+    for round_no in range(args.rounds):
+        # Alternate which CPU count goes first, so drift in the machine's speed hits both.
+        order = counts if round_no % 2 == 0 else counts[::-1]
+        for count in order:
+            cpus = allowed[-count:]
+            others = [c for c in allowed if c not in cpus]
+            results += run_cores(args, env, folder, cpus, others, sets, warm, params, round_no)
+    return results
+
+
+def report(args: argparse.Namespace, results: list[Run], counts: list[int], capacity: float) -> None:
+    def median(set_name: str, cores: int, attr: str) -> float:
+        return statistics.median(
+            getattr(r, attr) for r in results if r.set_name == set_name and r.cores == cores
+        )
+
+    print()
+    print(
+        f"Simulated GPU: {args.slots} slots x {args.service_s} s = {capacity:.0f} images/s;"
+        f" {args.n} images per set and run; medians of {args.rounds} rounds."
+    )
+    print()
+    print("| set | CPUs | images/s | cores busy | images/s per core | share of GPU |")
+    print("|---|---|---|---|---|---|")
+    for set_name in SETS:
+        for cores in counts:
+            rate = median(set_name, cores, "images_per_s")
+            print(
+                f"| {set_name} | {cores} | {rate:.1f} | {median(set_name, cores, 'cores_busy'):.2f} |"
+                f" {median(set_name, cores, 'per_core'):.1f} | {rate / capacity:.0%} |"
+            )
+    failed = sum(r.failed for r in results)
+    if failed:
+        print(f"note: {failed} rows failed")
+    top = max(counts)
+    for set_name in SETS:
+        per_core = median(set_name, top, "per_core")
+        print(f"BENCH gpu_feed_{set_name}_images_per_s_per_core={per_core:.1f} target=-")
+    if 1 in counts and 2 in counts:
+        scaling = median("12mp", 2, "images_per_s") / median("12mp", 1, "images_per_s")
+        print(f"BENCH gpu_feed_scaling_2_over_1_cores={scaling:.2f} target=1.8")
+    for set_name in SETS:
+        share = median(set_name, top, "images_per_s") / capacity
+        print(f"BENCH gpu_feed_{set_name}_share_of_gpu={share:.2f} target=-")
+
+
+if __name__ == "__main__":
+    main()
