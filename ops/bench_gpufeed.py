@@ -91,12 +91,13 @@ def model_with_released_processor(tiny: Path, folder: Path) -> Path:
     (the tiny one caps images at 401,408 pixels to keep CPU tests fast)."""
     target = folder / "model"
     shutil.copytree(tiny, target)
-    config_path = target / "preprocessor_config.json"
-    config = json.loads(config_path.read_text())
-    config["size"] = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
-    config.pop("min_pixels", None)
-    config.pop("max_pixels", None)
-    config_path.write_text(json.dumps(config, indent=2))
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = target / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            (config if key is None else config[key])["size"] = size
+            path.write_text(json.dumps(config, indent=2))
     return target
 
 
