@@ -22,8 +22,8 @@ from producer.contract import ErrorInfo, GenerationParams, QAPair, ResultRecord,
 from producer.errors import ErrorCode, GenerationError, ImageQAError
 from workers import metrics
 from workers.engines.base import Engine, EngineDead, EngineRequest, SamplingSettings
-from workers.images import load_image
 from workers.parsing import parse_answer
+from workers.preprocess import load_images
 from workers.prompts import (
     GREEDY_RETRY_TEMPERATURE,
     VERIFY_TEMPERATURE,
@@ -98,7 +98,7 @@ def _generate(
             code=ErrorCode.MODEL_MISMATCH,
         )
     with metrics.stage("load"):
-        images = [load_image(ref, settings) for ref in message.images]
+        images = load_images(message.images, settings)
     spec = prompt_spec(params, len(images))
     deadline = time.monotonic() + max(1, settings.task_time_limit_s - 30)
     for attempt in range(params.generation_tries):

@@ -183,6 +183,10 @@ class WorkerSettings(ImageSettings):
     metrics_port: int = 9100
     """Prometheus /metrics of this worker (0: off). One per process: give each worker on a host its own."""
     metrics_address: str = "127.0.0.1"
+    preprocess_workers: int | None = None
+    """Processes per worker that load images (read, decode, downscale) beside its own, so it feeds its
+    engine with more than one core. Unset: one per CPU the worker may run on (its affinity) when two or
+    more; 0: images load in the worker's own process."""
     task_events: bool = False
     """Send Celery task events from the start. Off: Flower (or ``celery control enable_events``) turns them
     on while it monitors, so a cluster nobody watches does not pay three Redis publishes per task."""
