@@ -139,6 +139,23 @@ def image_set(folder: Path, set_name: str, n: int, tag: str) -> list[Path]:
     return mixed[:n]
 
 
+def images_in(folder: Path, n: int) -> tuple[dict[str, list[Path]], list[Path]]:
+    """The image sets (all distinct: vLLM answers a repeated image from its cache; every run has a new
+    worker) and the warm-up images, generated into ``folder`` unless an earlier run left them there."""
+    listing = folder / f"images-{n}.json"
+    if listing.exists():
+        saved = json.loads(listing.read_text())
+        return {k: [Path(p) for p in v] for k, v in saved["sets"].items()}, [Path(p) for p in saved["warm"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sets = {name: image_set(folder, name, n, name) for name in SETS}
+    warm = image_set(folder, "mixed", 9, "warm")
+    print(f"generated {2 * n + len(warm)} images in {time.perf_counter() - started:.0f} s", flush=True)
+    saved = {"sets": {k: [str(p) for p in v] for k, v in sets.items()}, "warm": [str(p) for p in warm]}
+    listing.write_text(json.dumps(saved))
+    return sets, warm
+
+
 def tree_cpu_s(proc: psutil.Process) -> float:
     """User + system CPU seconds of ``proc`` and every live child (threads included)."""
     total = 0.0
@@ -253,7 +270,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="the tiny Qwen2.5-VL checkpoint")
-    parser.add_argument("--n", type=int, default=192, help="images per set and run")
+    parser.add_argument("--n", type=int, default=128, help="images per set and run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--service-s", type=float, default=0.64, help="simulated GPU time per request")
     parser.add_argument("--slots", type=int, default=64, help="requests the simulated GPU holds at once")
@@ -263,6 +280,7 @@ def main() -> None:
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
     )
     parser.add_argument("--redis-url", help="default: a private redis-server for the bench")
+    parser.add_argument("--images-dir", type=Path, help="keep the generated images here, for later runs")
     args = parser.parse_args()
     allowed = sorted(os.sched_getaffinity(0))
     counts = [int(c) for c in args.cores.split(",")]
@@ -274,14 +292,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             model = model_with_released_processor(Path(args.model), folder)
-            started = time.perf_counter()
-            # All distinct (vLLM answers a repeated image from its cache); every run has a new worker.
-            sets = {name: image_set(folder, name, args.n, name) for name in SETS}
-            warm = image_set(folder, "mixed", 9, "warm")
-            print(
-                f"generated {2 * args.n + len(warm)} images in {time.perf_counter() - started:.0f} s",
-                flush=True,
-            )
+            sets, warm = images_in(args.images_dir or folder, args.n)
             if args.redis_url:
                 results = measure(args, folder, model, counts, allowed, sets, warm, params)
             else:
@@ -299,7 +310,7 @@ def measure(args, folder, model, counts, allowed, sets, warm, params) -> list[Ru
         "IMAGEQA_REDIS_URL": args.redis_url,
         "IMAGEQA_ENGINE": "simgpu",
         "IMAGEQA_MODEL": str(model),
-        "IMAGEQA_MEDIA_ROOTS": str(folder),
+        "IMAGEQA_MEDIA_ROOTS": os.pathsep.join([str(folder), str((args.images_dir or folder).resolve())]),
         "IMAGEQA_CONCURRENCY": str(args.concurrency),
         "IMAGEQA_MAX_MODEL_LEN": "32768",
         "IMAGEQA_SIMGPU_SERVICE_S": str(args.service_s),
