@@ -71,6 +71,7 @@ class Run:
     images: int
     elapsed_s: float
     cpu_s: float
+    main_cpu_s: float
     failed: int
 
     @property
@@ -80,6 +81,11 @@ class Run:
     @property
     def per_core(self) -> float:
         return self.images / self.cpu_s
+
+    @property
+    def main_ms(self) -> float:
+        """CPU milliseconds per image in the worker's own process (the rest is in its children)."""
+        return 1000 * self.main_cpu_s / self.images
 
     @property
     def cores_busy(self) -> float:
@@ -156,16 +162,18 @@ def images_in(folder: Path, n: int) -> tuple[dict[str, list[Path]], list[Path]]:
     return sets, warm
 
 
-def tree_cpu_s(proc: psutil.Process) -> float:
-    """User + system CPU seconds of ``proc`` and every live child (threads included)."""
-    total = 0.0
+def tree_cpu_s(proc: psutil.Process) -> tuple[float, float]:
+    """User + system CPU seconds of ``proc`` and every live child (threads included), and of ``proc``."""
+    main = total = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             times = p.cpu_times()
         except psutil.NoSuchProcess:
             continue
         total += times.user + times.system
-    return total
+        if p is proc:
+            main = times.user + times.system
+    return total, main
 
 
 def feed(
@@ -240,17 +248,18 @@ def run_cores(
         worker = psutil.Process(proc.pid)
         feed(args.redis_url, folder, warm, params, f"warm-{len(cpus)}-{round_no}")
         for set_name, images in sets.items():
-            cpu_before = tree_cpu_s(worker)
+            total_before, main_before = tree_cpu_s(worker)
             elapsed, failed = feed(
                 args.redis_url, folder, images, params, f"{set_name}-{len(cpus)}-{round_no}"
             )
-            runs.append(
-                Run(len(cpus), set_name, len(images), elapsed, tree_cpu_s(worker) - cpu_before, failed)
-            )
+            total, main = tree_cpu_s(worker)
+            cpu_s, main_s = total - total_before, main - main_before
+            runs.append(Run(len(cpus), set_name, len(images), elapsed, cpu_s, main_s, failed))
             run = runs[-1]
             print(
                 f"round {round_no + 1}, {len(cpus)} CPU(s), {set_name:>5}: {run.images_per_s:6.1f} images/s,"
-                f" {run.cores_busy:4.2f} cores busy, {run.per_core:6.1f} images/s per core"
+                f" {run.cores_busy:4.2f} cores busy, {run.per_core:6.1f} images/s per core,"
+                f" {run.main_ms:5.1f} ms CPU per image in the worker process"
                 + (f" ({failed} failed rows)" if failed else ""),
                 flush=True,
             )
@@ -344,14 +353,17 @@ def report(args: argparse.Namespace, results: list[Run], counts: list[int], capa
         f" {args.n} images per set and run; medians of {args.rounds} rounds."
     )
     print()
-    print("| set | CPUs | images/s | cores busy | images/s per core | share of GPU |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| set | CPUs | images/s | cores busy | images/s per core | worker process ms/image | share of GPU |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for set_name in SETS:
         for cores in counts:
             rate = median(set_name, cores, "images_per_s")
             print(
                 f"| {set_name} | {cores} | {rate:.1f} | {median(set_name, cores, 'cores_busy'):.2f} |"
-                f" {median(set_name, cores, 'per_core'):.1f} | {rate / capacity:.0%} |"
+                f" {median(set_name, cores, 'per_core'):.1f} | {median(set_name, cores, 'main_ms'):.1f} |"
+                f" {rate / capacity:.0%} |"
             )
     failed = sum(r.failed for r in results)
     if failed:
