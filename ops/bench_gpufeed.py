@@ -24,10 +24,13 @@ its process and all its children. Prints a table and ``BENCH name=value target=v
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -204,6 +207,10 @@ def feed(
     elapsed = time.perf_counter() - started
     stop.set()
     thread.join()
+    if status.failed:
+        errors = folder / f"out-{tag}.errors.jsonl"
+        codes = collections.Counter(json.loads(line)["error"]["code"] for line in errors.open())
+        print(f"  failed rows in {tag}: {dict(codes)}", flush=True)
     return elapsed, status.failed
 
 
@@ -216,6 +223,12 @@ def wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float =
             return
         time.sleep(0.2)
     raise SystemExit("worker not ready")
+
+
+def _pinned_child(cpus: list[int]) -> None:
+    """In the worker before it runs: pinned to ``cpus``, and it stops when this bench dies."""
+    os.sched_setaffinity(0, set(cpus))
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def run_cores(
@@ -240,7 +253,7 @@ def run_cores(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            preexec_fn=lambda: os.sched_setaffinity(0, set(cpus)),
+            preexec_fn=lambda: _pinned_child(cpus),
         )
     runs = []
     try:
