@@ -96,6 +96,17 @@ def test_pool_errors_keep_their_codes(pool, settings, tmp_path):
         assert same_text(in_pool.value.message) == same_text(in_process.value.message)
 
 
+def test_an_error_beside_good_images_leaves_no_shared_memory(pool, settings, tmp_path):
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))
+    photos = [str(p) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ImageError) as e:
+        pool.load([photos[0], str(tmp_path / "corrupt.jpg"), photos[1]], settings)
+    assert e.value.code == "image_unreadable"
+    assert len(pool.load(photos, settings)) == len(photos)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
 def test_a_killed_pool_process_is_replaced(settings):
     pool = ImagePool(2)
     pool.start()
