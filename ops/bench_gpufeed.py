@@ -76,6 +76,7 @@ class Run:
     cpu_s: float
     main_cpu_s: float
     failed: int
+    variant: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -241,9 +242,11 @@ def run_cores(
     warm: list[Path],
     params: GenerationParams,
     round_no: int,
+    variant: str,
 ) -> list[Run]:
     """One worker pinned to ``cpus`` (this process to ``others``): warm-up, then each image set."""
-    log_path = folder / f"worker-{len(cpus)}-{round_no}.log"
+    tag = f"{variant}-{len(cpus)}-{round_no}"
+    log_path = folder / f"worker-{tag}.log"
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, set(others or cpus))
     with log_path.open("wb") as log:
@@ -259,18 +262,17 @@ def run_cores(
     try:
         wait_ready(log_path, proc)
         worker = psutil.Process(proc.pid)
-        feed(args.redis_url, folder, warm, params, f"warm-{len(cpus)}-{round_no}")
+        feed(args.redis_url, folder, warm, params, f"warm-{tag}")
         for set_name, images in sets.items():
             total_before, main_before = tree_cpu_s(worker)
-            elapsed, failed = feed(
-                args.redis_url, folder, images, params, f"{set_name}-{len(cpus)}-{round_no}"
-            )
+            elapsed, failed = feed(args.redis_url, folder, images, params, f"{set_name}-{tag}")
             total, main = tree_cpu_s(worker)
             cpu_s, main_s = total - total_before, main - main_before
-            runs.append(Run(len(cpus), set_name, len(images), elapsed, cpu_s, main_s, failed))
+            runs.append(Run(len(cpus), set_name, len(images), elapsed, cpu_s, main_s, failed, variant))
             run = runs[-1]
             print(
-                f"round {round_no + 1}, {len(cpus)} CPU(s), {set_name:>5}: {run.images_per_s:6.1f} images/s,"
+                f"round {round_no + 1}, {variant}, {len(cpus)} CPU(s), {set_name:>5}:"
+                f" {run.images_per_s:6.1f} images/s,"
                 f" {run.cores_busy:4.2f} cores busy, {run.per_core:6.1f} images/s per core,"
                 f" {run.main_ms:5.1f} ms CPU per image in the worker process"
                 + (f" ({failed} failed rows)" if failed else ""),
@@ -300,6 +302,13 @@ def main() -> None:
     parser.add_argument("--cores", default="1,2", help="CPU counts to pin the worker to")
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
+    )
+    parser.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also run a baseline worker with these settings, alternating with the other (repeatable)",
     )
     parser.add_argument("--redis-url", help="default: a private redis-server for the bench")
     parser.add_argument("--images-dir", type=Path, help="keep the generated images here, for later runs")
@@ -340,21 +349,36 @@ def measure(args, folder, model, counts, allowed, sets, warm, params) -> list[Ru
         "IMAGEQA_METRICS_PORT": "0",
         "PYTHONPATH": str(ROOT),
     }
-    for item in args.env:
-        name, _, value = item.partition("=")
-        env[name] = value
+    env |= dict(item.partition("=")[::2] for item in args.env)
+    variants = {"main": env}
+    if args.baseline_env:
+        variants["baseline"] = env | dict(item.partition("=")[::2] for item in args.baseline_env)
     results: list[Run] = []
     for round_no in range(args.rounds):
-        # Alternate which CPU count goes first, so drift in the machine's speed hits both.
+        # Alternate which CPU count and variant go first, so drift in the machine's speed hits all.
         order = counts if round_no % 2 == 0 else counts[::-1]
         for count in order:
             cpus = allowed[-count:]
             others = [c for c in allowed if c not in cpus]
-            results += run_cores(args, env, folder, cpus, others, sets, warm, params, round_no)
+            names = list(variants) if round_no % 2 == 0 else list(variants)[::-1]
+            for name in names:
+                results += run_cores(
+                    args, variants[name], folder, cpus, others, sets, warm, params, round_no, name
+                )
     return results
 
 
-def report(args: argparse.Namespace, results: list[Run], counts: list[int], capacity: float) -> None:
+def report(args: argparse.Namespace, runs: list[Run], counts: list[int], capacity: float) -> None:
+    for variant in dict.fromkeys(r.variant for r in runs):
+        results = [r for r in runs if r.variant == variant]
+        suffix = "" if variant == "main" else f"_{variant}"
+        settings = " ".join(args.env + (args.baseline_env if variant == "baseline" else []))
+        report_variant(args, results, counts, capacity, suffix, f"{variant}: {settings or 'defaults'}")
+
+
+def report_variant(
+    args: argparse.Namespace, results: list[Run], counts: list[int], capacity: float, suffix: str, label: str
+) -> None:
     def median(set_name: str, cores: int, attr: str) -> float:
         return statistics.median(
             getattr(r, attr) for r in results if r.set_name == set_name and r.cores == cores
@@ -363,7 +387,7 @@ def report(args: argparse.Namespace, results: list[Run], counts: list[int], capa
     print()
     print(
         f"Simulated GPU: {args.slots} slots x {args.service_s} s = {capacity:.0f} images/s;"
-        f" {args.n} images per set and run; medians of {args.rounds} rounds."
+        f" {args.n} images per set and run; medians of {args.rounds} rounds. Worker {label}."
     )
     print()
     print(
@@ -384,13 +408,14 @@ def report(args: argparse.Namespace, results: list[Run], counts: list[int], capa
     top = max(counts)
     for set_name in SETS:
         per_core = median(set_name, top, "per_core")
-        print(f"BENCH gpu_feed_{set_name}_images_per_s_per_core={per_core:.1f} target=-")
+        print(f"BENCH gpu_feed_{set_name}_images_per_s_per_core{suffix}={per_core:.1f} target=-")
     if 1 in counts and 2 in counts:
         scaling = median("12mp", 2, "images_per_s") / median("12mp", 1, "images_per_s")
-        print(f"BENCH gpu_feed_scaling_2_over_1_cores={scaling:.2f} target=1.8")
+        target = "-" if suffix else "1.8"
+        print(f"BENCH gpu_feed_scaling_2_over_1_cores{suffix}={scaling:.2f} target={target}")
     for set_name in SETS:
         share = median(set_name, top, "images_per_s") / capacity
-        print(f"BENCH gpu_feed_{set_name}_share_of_gpu={share:.2f} target=-")
+        print(f"BENCH gpu_feed_{set_name}_share_of_gpu{suffix}={share:.2f} target=-")
 
 
 if __name__ == "__main__":
