@@ -27,6 +27,7 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
+from typing import cast
 
 import PIL.Image
 from PIL.Image import Image
@@ -181,7 +182,7 @@ def _load(ref: str, settings: ImageSettings) -> _Outcome:
     pixels = image.tobytes()
     block = shared_memory.SharedMemory(create=True, size=max(1, len(pixels)))
     try:
-        block.buf[: len(pixels)] = pixels
+        _buffer(block)[: len(pixels)] = pixels
     except BaseException:
         block.close()
         block.unlink()
@@ -194,12 +195,18 @@ def _unwrap(outcome: _Outcome) -> Image:
     kind, value, message = outcome
     if kind != "ok":
         raise ImageError(str(message), code=ErrorCode(value))
-    name, mode, size, info = value  # type: ignore[misc]
+    name, mode, size, info = cast("tuple[str, str, tuple[int, int], dict[str, object]]", value)
     block = shared_memory.SharedMemory(name=name)
     try:
-        image = PIL.Image.frombytes(mode, size, block.buf)
+        image = PIL.Image.frombytes(mode, size, _buffer(block))
     finally:
         block.close()
         block.unlink()
     image.info.update(info)
     return image
+
+
+def _buffer(block: shared_memory.SharedMemory) -> memoryview:
+    buf = block.buf
+    assert buf is not None  # None only once closed
+    return buf

@@ -111,9 +111,9 @@ def simulated_answer(structured: Any) -> str:
     if set(schema.get("properties", {})) == {"answer"}:
         return orjson.dumps({"answer": "a photograph"}).decode()
     pairs = [
-        {"question": "What kind of image is this?", "answer": "a photograph"},
-        {"question": "Is the picture taken indoors or outdoors?", "answer": "outdoors"},
-        {"question": "Which colour stands out the most?", "answer": "blue"},
+        {"question": "What is shown?", "answer": "a photograph"},
+        {"question": "Indoors or outdoors?", "answer": "outdoors"},
+        {"question": "Which colour stands out?", "answer": "blue"},
     ]
     try:
         items = schema["properties"]["qa_pairs"]["items"]["properties"]
