@@ -246,6 +246,8 @@ def run_cores(
 ) -> list[Run]:
     """One worker pinned to ``cpus`` (this process to ``others``): warm-up, then each image set."""
     tag = f"{variant}-{len(cpus)}-{round_no}"
+    if env.get("IMAGEQA_PREPROCESS_WORKERS") == "cpus":  # a pool as large as the CPUs of this run
+        env = {**env, "IMAGEQA_PREPROCESS_WORKERS": str(len(cpus))}
     log_path = folder / f"worker-{tag}.log"
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, set(others or cpus))
@@ -301,7 +303,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--cores", default="1,2", help="CPU counts to pin the worker to")
     parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker setting (repeatable)"
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra worker setting (repeatable); IMAGEQA_PREPROCESS_WORKERS=cpus: a pool of the run's CPUs",
     )
     parser.add_argument(
         "--baseline-env",

@@ -185,7 +185,7 @@ class WorkerSettings(ImageSettings):
     metrics_address: str = "127.0.0.1"
     preprocess_workers: int | None = None
     """Processes per worker that load images (read, decode, downscale) beside its own, so it feeds its
-    engine with more than one core. Unset: one per CPU the worker may run on (its affinity) when two or
+    engine with more than one core. Unset: one per CPU the worker may run on (its affinity) when four or
     more; 0: images load in the worker's own process."""
     task_events: bool = False
     """Send Celery task events from the start. Off: Flower (or ``celery control enable_events``) turns them
