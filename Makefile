@@ -46,7 +46,9 @@ bench: model
 	$(PY) ops/bench_memory.py | tee out/bench-memory.txt
 	$(PY) ops/bench_images.py --model $(TINY_MODEL) --rounds 5 | tee out/bench-images.txt
 	$(PY) ops/bench_engine.py --model $(TINY_MODEL) --n 256 --rounds 5 | tee out/bench-engine.txt
-	@echo; echo "Summary:"; grep -h '^BENCH ' out/bench-shared.txt out/bench-memory.txt out/bench-images.txt out/bench-engine.txt
+	$(PY) ops/bench_gpufeed.py --model $(TINY_MODEL) --images-dir .cache/bench-gpufeed \
+		--env IMAGEQA_PREPROCESS_WORKERS=cpus --baseline-env IMAGEQA_PREPROCESS_WORKERS=0 | tee out/bench-gpufeed.txt
+	@echo; echo "Summary:"; grep -h '^BENCH ' out/bench-shared.txt out/bench-memory.txt out/bench-images.txt out/bench-engine.txt out/bench-gpufeed.txt
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache

@@ -102,6 +102,7 @@ def _on_worker_init(**_: Any) -> None:
     settings = worker_settings()
     log.info("starting %s engine for %s", settings.engine.kind, settings.engine.model)
     try:
+        start_image_pool(settings)
         rt = start_engine(settings)
     except Exception as e:
         log.exception("engine failed to start")
@@ -117,6 +118,17 @@ def _on_worker_init(**_: Any) -> None:
     metrics.serve(settings.metrics_port, settings.metrics_address)
 
 
+def start_image_pool(settings: WorkerSettings) -> None:
+    from workers import preprocess
+
+    size = settings.preprocess_workers
+    pool = preprocess.start_pool(preprocess.default_pool_size() if size is None else size)
+    log.info("images load in %s", f"{pool.size} processes" if pool else "the worker process")
+
+
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
+    from workers import preprocess
+
     stop_engine()
+    preprocess.stop_pool()

@@ -24,8 +24,8 @@ from producer.errors import ErrorCode, GenerationError, ImageQAError
 from workers import checks, metrics
 from workers.diversity import TemplateGate
 from workers.engines.base import Engine, EngineDead, EngineRequest, SamplingSettings
-from workers.images import load_image
 from workers.parsing import parse_answer
+from workers.preprocess import load_images
 from workers.prompts import (
     GREEDY_RETRY_TEMPERATURE,
     VERIFY_TEMPERATURE,
@@ -121,7 +121,7 @@ def _generate(
             code=ErrorCode.TOO_MANY_IMAGES,
         )
     with metrics.stage("load"):
-        images = [load_image(ref, settings) for ref in message.images]
+        images = load_images(message.images, settings)
     metrics.IMAGES.inc(len(images))
     spec = prompt_spec(params, len(images))
     deadline = time.monotonic() + max(1, settings.task_time_limit_s - 30)

@@ -182,15 +182,29 @@ class FakeSettings(_Settings):
     """Image size (``"13x17"``) -> ``"crash"`` or ``"hang"``."""
 
 
+class SimGPUSettings(_Settings):
+    """engine=simgpu: vLLM's real front end and a simulated GPU (benchmarks; `workers.engines.simgpu`)."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEQA_SIMGPU_")
+
+    service_s: float = 0.64
+    """Time the simulated GPU holds each request."""
+    slots: int = 64
+    """Requests it holds at once: its capacity is ``slots / service_s`` requests/s (default 100)."""
+
+
 class EngineSettings(_Settings):
     """Which engine serves which model, and each engine's own settings (only ``kind``'s are used)."""
 
-    kind: Literal["vllm", "fake", "openai"] = Field(default="vllm", validation_alias="IMAGEQA_ENGINE")
+    kind: Literal["vllm", "fake", "openai", "simgpu"] = Field(
+        default="vllm", validation_alias="IMAGEQA_ENGINE"
+    )
     model: str = DEFAULT_MODEL
     """A local checkpoint folder or a model hub id (engine=openai: the served model name)."""
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     fake: FakeSettings = Field(default_factory=FakeSettings)
+    simgpu: SimGPUSettings = Field(default_factory=SimGPUSettings)
 
     def max_images(self) -> int | None:
         """Most images one prompt of this engine takes; None: no limit known here."""
@@ -221,6 +235,10 @@ class WorkerSettings(ImageSettings):
     metrics_port: int = 9100
     """Prometheus /metrics of this worker (0: off). One per process: give each worker on a host its own."""
     metrics_address: str = "127.0.0.1"
+    preprocess_workers: int | None = None
+    """Processes per worker that load images (read, decode, downscale) beside its own, so it feeds its
+    engine with more than one core. Unset: one per CPU the worker may run on (its affinity) when four or
+    more; 0: images load in the worker's own process."""
     task_events: bool = False
     """Send Celery task events from the start. Off: Flower (or ``celery control enable_events``) turns them
     on while it monitors, so a cluster nobody watches does not pay three Redis publishes per task."""

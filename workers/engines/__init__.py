@@ -31,6 +31,10 @@ def build_engine(settings: EngineSettings, *, request_timeout_s: float) -> Engin
                 request_timeout_s=request_timeout_s,
             )
         )
+    if settings.kind == "simgpu":
+        from workers.engines.simgpu import SimGPUEngine
+
+        return SimGPUEngine(vllm_config(settings), settings.simgpu.service_s, settings.simgpu.slots)
     from workers.engines.vllm import VLLMEngine
 
     return VLLMEngine(vllm_config(settings))
