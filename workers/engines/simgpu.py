@@ -64,11 +64,14 @@ class SimGPUEngine(VLLMEngine):
 class _Completion:
     text: str
     finish_reason: str = "stop"
+    token_ids: tuple[int, ...] = ()
+    """No tokens are generated: the engine's token counters count only the prompts."""
 
 
 @dataclass
 class _Output:
     outputs: list[_Completion]
+    prompt_token_ids: list[int] | None = None
 
 
 class _FrontEnd:
@@ -99,7 +102,8 @@ class _FrontEnd:
         self.encoder.encode(request)  # what AsyncLLM sends to EngineCore
         async with self._slots:
             await asyncio.sleep(self.service_s)
-        yield _Output([_Completion(simulated_answer(params.structured_outputs))])
+        completion = _Completion(simulated_answer(params.structured_outputs))
+        yield _Output([completion], getattr(request, "prompt_token_ids", None))
 
     def shutdown(self) -> None:
         self.renderer.shutdown()
