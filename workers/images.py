@@ -61,7 +61,7 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
                 probe.verify()
                 image = Image.open(io.BytesIO(data))
             image.seek(0)  # the first frame of an animation
-            drafted = _draft(image, settings.max_pixels)
+            drafted = _draft(image, settings.max_pixels, settings.size_multiple)
             image.load()
         except ImageError:
             raise
@@ -81,7 +81,7 @@ def decode_image(data: bytes, settings: ImageSettings, ref: str = "image") -> Im
         size, box = drafted
         decoded = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     upright: Image.Image = ImageOps.exif_transpose(decoded) or decoded
-    return cap_pixels(to_rgb(upright), settings.max_pixels)
+    return cap_pixels(to_rgb(upright), settings.max_pixels, settings.size_multiple)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -100,29 +100,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    size = capped_size(*image.size, max_pixels)
+SNAP_MULTIPLES = 8
+"""`capped_size` rounds sides to the processor's grid only from this many grid cells up."""
+
+
+def cap_pixels(image: Image.Image, max_pixels: int, multiple: int = 1) -> Image.Image:
+    size = capped_size(*image.size, max_pixels, multiple)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The size of a ``width`` x ``height`` image scaled down, aspect kept, to at most ``max_pixels``."""
+def capped_size(width: int, height: int, max_pixels: int, multiple: int = 1) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image scaled down, aspect kept, to at most ``max_pixels``.
+
+    When it is scaled down and both sides are at least ``SNAP_MULTIPLES`` times ``multiple``, each side
+    goes to the nearest multiple of ``multiple`` (down where that would exceed ``max_pixels``), as
+    Qwen-VL's processor rounds them (``smart_resize``): the processor then has nothing to resize, and
+    the aspect moves by a few per cent at most. Smaller images are left to the processor."""
     if width * height <= max_pixels:
         return width, height
     scale = math.sqrt(max_pixels / (width * height))
-    return max(1, int(width * scale)), max(1, int(height * scale))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    if multiple == 1 or min(w, h) < SNAP_MULTIPLES * multiple:
+        return w, h
+    near = round(width * scale / multiple) * multiple, round(height * scale / multiple) * multiple
+    if near[0] * near[1] <= max_pixels:
+        return near
+    return w // multiple * multiple, h // multiple * multiple
 
 
 def _draft(
-    image: Image.Image, max_pixels: int
+    image: Image.Image, max_pixels: int, multiple: int
 ) -> tuple[tuple[int, int], tuple[float, float, float, float]] | None:
     """For a JPEG that will be downscaled, makes the decoder scale in the DCT domain (1/2, 1/4 or 1/8) to
     the smallest size still at least the final size in both sides: a fraction of the work of a full
     decode. Returns the final size, computed from the full size, and the area of the reduced image that
     holds the full image. None: the image is decoded in full (not a JPEG, or no downscale)."""
-    size = capped_size(*image.size, max_pixels)
+    size = capped_size(*image.size, max_pixels, multiple)
     if size == image.size:
         return None
     drafted = image.draft("RGB", size)  # a no-op but for JPEG
