@@ -34,9 +34,10 @@ class ImageSettings(RedisSettings):
     max_pixels: int = 1024 * 1024
     """Images above this many pixels are downscaled before the engine (vision tokens grow with pixels)."""
     size_multiple: int = Field(default=28, ge=1, le=256)
-    """A downscaled image's sides are rounded down to multiples of this: 28 is the patch grid of
-    Qwen2-VL and Qwen2.5-VL (patch 14, 2x2 merge), so the model's image processor has nothing left to
-    resize (32 for Qwen3-VL; 1: exact aspect). Images that need no downscale are left as they are."""
+    """A downscaled image's sides go to multiples of this, as `workers.images.capped_size` says: 28 is
+    the patch grid of Qwen2-VL and Qwen2.5-VL (patch 14, 2x2 merge), so the model's image processor has
+    nothing left to resize (32 for Qwen3-VL; 1: exact aspect). Images needing no downscale
+    stay as they are."""
     max_image_pixels: int = 100_000_000
     """Images whose header claims more pixels are refused as decompression bombs."""
     max_image_bytes: int = 50 * 1024 * 1024
