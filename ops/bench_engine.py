@@ -16,21 +16,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import collect_job  # noqa: E402
+
 from producer.broker import redis_client  # noqa: E402
 from producer.contract import GenerationParams  # noqa: E402
-from producer.enqueue import enqueue_file  # noqa: E402
-from producer.jobs import job_status  # noqa: E402
-from producer.settings import ProducerSettings  # noqa: E402
 from tests.helpers import EXAMPLES, make_images, write_jsonl  # noqa: E402
-from workers.collector import Collector  # noqa: E402
-from workers.settings import CollectorSettings  # noqa: E402
 
 
 def prepare_images(folder: Path, n: int) -> list[Path]:
@@ -146,24 +142,7 @@ def offline_child(spec_path: str) -> None:
 def worker_run(redis_url: str, folder: Path, images: list[Path], params: GenerationParams, tag: str) -> float:
     rows = [{"image": str(p), "bench": tag, "i": i} for i, p in enumerate(images)]
     source = write_jsonl(folder / f"in-{tag}.jsonl", rows)
-    collector = Collector(
-        CollectorSettings(
-            redis_url=redis_url, block_ms=50, consumer=f"bench-{tag}", output_dir=folder / "unregistered"
-        )
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
-    thread.start()
-    r = redis_client(redis_url)
-    start = time.perf_counter()
-    summary = enqueue_file(
-        source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url), params=params
-    )
-    while not (st := job_status(r, summary.job_id)) or not st.finished:
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - start
-    stop.set()
-    thread.join()
+    elapsed, st = collect_job(redis_url, source, folder, tag, params)
     if st.failed:
         print(f"  note: {st.failed} of {st.total} rows failed validation in worker round {tag}")
     return len(images) / elapsed

@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -49,16 +48,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "ops"))
 
 from bench_images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, photo  # noqa: E402
-from benchlib import private_redis, stop_children  # noqa: E402
+from benchlib import collect_job, private_redis, stop_children  # noqa: E402
 
-from producer.broker import redis_client  # noqa: E402
 from producer.contract import GenerationParams  # noqa: E402
-from producer.enqueue import enqueue_file  # noqa: E402
-from producer.jobs import job_status  # noqa: E402
-from producer.settings import ProducerSettings  # noqa: E402
 from tests.helpers import write_jsonl  # noqa: E402
-from workers.collector import Collector  # noqa: E402
-from workers.settings import CollectorSettings  # noqa: E402
 
 # (name, width, height, format): the classes of generated images.
 PHONE = ("12mp", 4032, 3024, "JPEG")
@@ -186,28 +179,7 @@ def feed(
     """Enqueues one row per image and waits until all are collected; returns (seconds, failed rows)."""
     rows = [{"image": str(p), "i": i} for i, p in enumerate(images)]
     source = write_jsonl(folder / f"in-{tag}.jsonl", rows)
-    collector = Collector(
-        CollectorSettings(
-            redis_url=redis_url,
-            block_ms=50,
-            consumer=f"bench-{tag}",
-            output_dir=folder / "unregistered",
-            metrics_port=0,
-        )
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
-    thread.start()
-    r = redis_client(redis_url)
-    started = time.perf_counter()
-    summary = enqueue_file(
-        source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url), params=params
-    )
-    while not (status := job_status(r, summary.job_id)) or not status.finished:
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - started
-    stop.set()
-    thread.join()
+    elapsed, status = collect_job(redis_url, source, folder, tag, params)
     if status.failed:
         errors = folder / f"out-{tag}.errors.jsonl"
         codes = collections.Counter(json.loads(line)["error"]["code"] for line in errors.open())

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -16,9 +17,10 @@ import redis
 
 from producer.broker import redis_client
 from producer.contract import GenerationParams, QAPair, QAStats, ResultRecord
-from producer.enqueue import default_errors_path
-from producer.jobs import JobRecord
+from producer.enqueue import default_errors_path, enqueue_file
+from producer.jobs import JobRecord, JobStatus, job_status
 from producer.results import publish
+from producer.settings import ProducerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -165,3 +167,36 @@ def put_results(r: redis.Redis, job_id: str, output: Path, rows: int, images: li
         for i in range(chunk, min(rows, chunk + 1000)):
             publish(pipe, result_record(job_id, i, images[i % len(images)]))
         pipe.execute()
+
+
+def collect_job(
+    redis_url: str, source: Path, folder: Path, tag: str, params: GenerationParams
+) -> tuple[float, JobStatus]:
+    """Enqueues ``source`` to running workers, with a collector in a thread, and waits until the job
+    finishes; returns (seconds from the first row sent to the last written, the job's status)."""
+    from workers.collector import Collector
+    from workers.settings import CollectorSettings
+
+    collector = Collector(
+        CollectorSettings(
+            redis_url=redis_url,
+            block_ms=50,
+            consumer=f"bench-{tag}",
+            output_dir=folder / "unregistered",
+            metrics_port=0,
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=collector.run, args=(stop,), daemon=True)
+    thread.start()
+    r = redis_client(redis_url)
+    started = time.perf_counter()
+    summary = enqueue_file(
+        source, folder / f"out-{tag}.jsonl", settings=ProducerSettings(redis_url=redis_url), params=params
+    )
+    while not (status := job_status(r, summary.job_id)) or not status.finished:
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return elapsed, status
