@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import collect_job  # noqa: E402
+from benchlib import collect_job, wait_ready  # noqa: E402
 
 from producer.broker import redis_client  # noqa: E402
 from producer.contract import GenerationParams  # noqa: E402
@@ -257,23 +257,12 @@ def _worker_round(args, env, folder, images, params, round_no) -> float:  # type
             cwd=ROOT,
         )
     try:
-        _wait_ready(log_path, proc)
+        wait_ready(log_path, proc)
         worker_run(args.redis_url, folder, images[:8], params, f"warm{round_no}")
         return worker_run(args.redis_url, folder, images, params, f"r{round_no}")
     finally:
         proc.terminate()
         proc.wait(120)
-
-
-def _wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}")
-        if " ready." in log_path.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit("worker not ready")
 
 
 if __name__ == "__main__":

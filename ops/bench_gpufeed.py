@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "ops"))
 
 from bench_images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, photo  # noqa: E402
-from benchlib import collect_job, private_redis, stop_children  # noqa: E402
+from benchlib import collect_job, private_redis, stop_children, wait_ready  # noqa: E402
 
 from producer.contract import GenerationParams  # noqa: E402
 from tests.helpers import write_jsonl  # noqa: E402
@@ -185,17 +185,6 @@ def feed(
         codes = collections.Counter(json.loads(line)["error"]["code"] for line in errors.open())
         print(f"  failed rows in {tag}: {dict(codes)}", flush=True)
     return elapsed, status.failed
-
-
-def wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}")
-        if " ready." in log_path.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit("worker not ready")
 
 
 def _pinned_child(cpus: list[int]) -> None:

@@ -200,3 +200,16 @@ def collect_job(
     stop.set()
     thread.join()
     return elapsed, status
+
+
+def wait_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 600) -> None:
+    """Waits until the worker started with its log at ``log_path`` says it is ready; exits the bench
+    with the log's tail if the worker stops first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+        if " ready." in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise SystemExit("worker not ready")
